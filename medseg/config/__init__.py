@@ -1,0 +1,1 @@
+"""Frozen, validated configs: data specs (``data_specs/*.yaml``) and pipelines (``pipelines/*.yaml``)."""

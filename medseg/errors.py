@@ -1,0 +1,46 @@
+"""The exception hierarchy of medseg.
+
+The library raises these; only the CLI turns them into exit codes and one-line messages.
+Messages are worded as facts about the input: "X must be Y, got Z", naming the file or field.
+"""
+
+from __future__ import annotations
+
+
+class MedsegError(Exception):
+    """Root of every error medseg raises on purpose."""
+
+
+class ConfigError(MedsegError, ValueError):
+    """A pipeline config or data spec is invalid (unknown key, wrong type, missing file, ...)."""
+
+
+class InputError(MedsegError, ValueError):
+    """An input image cannot be used (unreadable, corrupt, wrong dimensionality, ...)."""
+
+
+class GeometryError(InputError):
+    """An input's geometry is not a valid volume (mixed orientations, missing slices, ...)."""
+
+
+def optional_import(module_name: str, feature: str, extra: str):
+    """Import an optional dependency, or fail with a sentence that says how to get it.
+
+    Args:
+        module_name: The module to import, e.g. ``"highdicom"``.
+        feature: What needs it, e.g. ``"DICOM SEG export"``.
+        extra: The medseg extra that installs it, e.g. ``"dicom"``.
+
+    Returns:
+        The imported module.
+
+    Raises:
+        MedsegError: If the module is not installed.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        msg = f"{feature} needs {module_name}; install medseg[{extra}]"
+        raise MedsegError(msg) from exc

@@ -1,0 +1,405 @@
+"""DICOM series: find the series in a folder, check they form a volume, read them with exact geometry.
+
+Rules (each broken rule is a :class:`~medseg.errors.GeometryError` that says which and why):
+
+* Files are grouped by SeriesInstanceUID; a folder with several image series needs ``series_uid``.
+  Non-image objects (SEG, SR, RT, presentation states) are ignored.
+* Slices are ordered by their position along the slice normal (``cross(row, col)`` of
+  ImageOrientationPatient), never by InstanceNumber.
+* Every slice must share one orientation (within ``1e-4``), one size and one pixel spacing.
+* A series needs at least ``min_slices`` slices (default 3).
+* Two slices at the same position are an error (several acquisitions mixed in one series).
+* Slice spacing must be even: each gap within 1 % (or 0.01 mm) of the median gap. Gaps that are
+  whole multiples of the median are reported as missing slices.
+* Positions that drift sideways from the normal (gantry/detector tilt) are an error unless
+  ``allow_tilt=True``, which keeps the exact, sheared affine (slice step = mean position step).
+* RescaleSlope/RescaleIntercept are applied per slice; the result is ``int16``/``int32`` when
+  every slope is 1 and every intercept an integer, else ``float32``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from medseg.errors import GeometryError, InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+ORIENTATION_TOL = 1e-4
+SPACING_REL_TOL = 0.01
+SPACING_ABS_TOL = 0.01
+TILT_TOL_MM = 0.01
+NON_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.66",  # segmentation, raw data, spatial registration
+    "1.2.840.10008.5.1.4.1.1.88",  # structured reports
+    "1.2.840.10008.5.1.4.1.1.481",  # RT objects
+    "1.2.840.10008.5.1.4.1.1.11",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.104",  # encapsulated PDF/CDA
+)
+_HEADER_TAGS = [
+    "SOPClassUID",
+    "SeriesInstanceUID",
+    "SeriesDescription",
+    "Modality",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+    "InstanceNumber",
+    "NumberOfFrames",
+]
+
+
+@dataclass(frozen=True)
+class DicomSeriesInfo:
+    """One image series found on disk (headers only)."""
+
+    series_uid: str
+    files: tuple[Path, ...]
+    modality: str = ""
+    description: str = ""
+
+    def describe(self) -> str:
+        """One line for messages: UID, description and slice count."""
+        desc = f" '{self.description}'" if self.description else ""
+        return f"{self.series_uid}{desc} ({self.modality or '?'}, {len(self.files)} files)"
+
+
+@dataclass
+class DicomVolume:
+    """A DICOM series read into a volume.
+
+    Attributes:
+        array: Voxels indexed ``(i, j, k)``: along a row, down a column, along the slice normal.
+        affine: 4x4 voxel-to-world matrix in RAS+ millimetres.
+        meta: Selected header fields of the first slice (modality, UIDs, description, ...).
+        files: The slice files in volume order (``k``).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    meta: dict = field(default_factory=dict)
+    files: tuple[Path, ...] = ()
+
+
+def _is_image(ds: pydicom.Dataset) -> bool:
+    sop = str(ds.get("SOPClassUID", ""))
+    if any(sop.startswith(p) for p in NON_IMAGE_SOP_PREFIXES):
+        return False
+    return "Rows" in ds and "Columns" in ds
+
+
+def list_dicom_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """List the files of a folder that may be DICOM (any extension; DICOMDIR excluded).
+
+    Args:
+        folder: Where to look.
+        recursive: Descend into sub-folders.
+
+    Returns:
+        Sorted file paths.
+    """
+    it: Iterable[Path] = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in it if p.is_file() and p.name.upper() != "DICOMDIR" and not p.name.startswith("."))
+
+
+def scan_series(paths: Sequence[Path]) -> list[DicomSeriesInfo]:
+    """Group DICOM files into image series by SeriesInstanceUID, reading headers only.
+
+    Args:
+        paths: Candidate files; files that are not DICOM, or not images, are passed over.
+
+    Returns:
+        The image series, largest first.
+    """
+    groups: dict[str, list[Path]] = {}
+    first: dict[str, pydicom.Dataset] = {}
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        if not _is_image(ds):
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "")) or "<missing SeriesInstanceUID>"
+        groups.setdefault(uid, []).append(path)
+        first.setdefault(uid, ds)
+    infos = [
+        DicomSeriesInfo(
+            series_uid=uid,
+            files=tuple(files),
+            modality=str(first[uid].get("Modality", "")),
+            description=str(first[uid].get("SeriesDescription", "")),
+        )
+        for uid, files in groups.items()
+    ]
+    return sorted(infos, key=lambda s: (-len(s.files), s.series_uid))
+
+
+def find_series(source: Path | Sequence[Path], series_uid: str | None = None) -> DicomSeriesInfo:
+    """Pick one image series from a folder or a list of files.
+
+    Args:
+        source: A folder (searched recursively) or explicit files.
+        series_uid: Which series to take when there are several.
+
+    Returns:
+        The chosen series.
+
+    Raises:
+        InputError: If no image series is found, the UID is absent, or several series are present
+            and none was chosen.
+    """
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        if not folder.is_dir():
+            msg = f"DICOM series path must be an existing folder, got {folder}"
+            raise InputError(msg)
+        paths = list_dicom_files(folder)
+        where = str(folder)
+    else:
+        paths = [Path(p) for p in source]
+        where = f"{len(paths)} files starting {paths[0]}" if paths else "an empty file list"
+    series = scan_series(paths)
+    if not series:
+        msg = f"{where}: must contain at least one DICOM image series, got none"
+        raise InputError(msg)
+    if series_uid is not None:
+        for s in series:
+            if s.series_uid == series_uid:
+                return s
+        msg = f"{where}: series_uid must be one of {[s.series_uid for s in series]}, got {series_uid}"
+        raise InputError(msg)
+    if len(series) > 1:
+        listing = "; ".join(s.describe() for s in series)
+        msg = f"{where}: holds {len(series)} image series, choose one by SeriesInstanceUID: {listing}"
+        raise InputError(msg)
+    return series[0]
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None:
+        msg = f"{path}: DICOM attribute {keyword} must be present for a volume, got none"
+        raise GeometryError(msg)
+    arr = np.asarray([float(v) for v in value], dtype=np.float64)
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        msg = f"{path}: DICOM attribute {keyword} must hold {n} finite numbers, got {list(value)}"
+        raise GeometryError(msg)
+    return arr
+
+
+def _slice_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
+    """Stored pixel values of one single-frame slice as a (rows, cols) array."""
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        msg = f"{path}: DICOM image must be grey-scale (SamplesPerPixel 1), got {ds.SamplesPerPixel}"
+        raise InputError(msg)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if not ds.file_meta.TransferSyntaxUID.is_compressed and int(ds.BitsAllocated) in (8, 16, 32):
+        bits = int(ds.BitsAllocated)
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
+        if not ds.file_meta.TransferSyntaxUID.is_little_endian:
+            dtype = dtype.newbyteorder(">")
+        raw = ds.PixelData
+        need = rows * cols * dtype.itemsize
+        if len(raw) < need:
+            msg = f"{path}: PixelData must hold {need} bytes for {rows}x{cols}x{bits} bits, got {len(raw)}"
+            raise InputError(msg)
+        arr = np.frombuffer(raw, dtype=dtype, count=rows * cols).reshape(rows, cols)
+        bits_stored = int(ds.get("BitsStored", bits))
+        if signed and bits_stored < bits:  # sign-extend values stored in fewer bits
+            shift = bits - bits_stored
+            arr = (arr.astype(dtype.newbyteorder("=")) << shift) >> shift
+        return arr
+    try:
+        return ds.pixel_array
+    except Exception as exc:
+        ts = ds.file_meta.TransferSyntaxUID
+        msg = f"{path}: pixel data must be decodable, got transfer syntax {ts.name} that failed: {exc}"
+        raise InputError(msg) from exc
+
+
+def _check_spacing(gaps: np.ndarray, where: str) -> float:
+    median = float(np.median(gaps))
+    tol = max(SPACING_ABS_TOL, SPACING_REL_TOL * median)
+    bad = np.abs(gaps - median) > tol
+    if np.any(bad):
+        ratios = gaps / median
+        if np.allclose(ratios, np.round(ratios), atol=0.02) and np.all(np.round(ratios) >= 1):
+            missing = int(np.sum(np.round(ratios) - 1))
+            where_idx = [int(i) for i in np.flatnonzero(np.round(ratios) > 1)][:5]
+            msg = (
+                f"{where}: slice spacing must be even, got {missing} missing slice(s) "
+                f"(gap of {gaps.max():.3g} mm after slice index {where_idx}, usual gap {median:.3g} mm)"
+            )
+        else:
+            msg = (
+                f"{where}: slice spacing must be even within {tol:.3g} mm, got gaps from "
+                f"{gaps.min():.4g} to {gaps.max():.4g} mm"
+            )
+        raise GeometryError(msg)
+    return float(np.mean(gaps))
+
+
+def read_series(
+    source: Path | Sequence[Path],
+    *,
+    series_uid: str | None = None,
+    min_slices: int = 3,
+    allow_tilt: bool = False,
+) -> DicomVolume:
+    """Read one DICOM image series into a volume with its RAS affine.
+
+    Args:
+        source: A folder (searched recursively) or the series' files.
+        series_uid: Which series to read when the source holds several.
+        min_slices: Fewest slices accepted as a volume.
+        allow_tilt: Accept gantry/detector tilt, keeping a sheared affine.
+
+    Returns:
+        The volume (see :class:`DicomVolume`).
+
+    Raises:
+        InputError: Unreadable or non-image input, several series without a choice.
+        GeometryError: The slices do not form a valid volume (see the module's rules).
+    """
+    info = find_series(source, series_uid)
+    where = f"DICOM series {info.series_uid} in {info.files[0].parent}"
+    if len(info.files) < min_slices:
+        msg = f"{where}: must have at least {min_slices} slices to form a volume, got {len(info.files)}"
+        raise GeometryError(msg)
+
+    datasets: list[pydicom.Dataset] = []
+    for path in info.files:
+        try:
+            ds = pydicom.dcmread(path)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            msg = f"{path}: must be a readable DICOM file, got {type(exc).__name__}: {exc}"
+            raise InputError(msg) from exc
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            msg = f"{path}: DICOM slices must be single-frame, got {ds.NumberOfFrames} frames (multi-frame)"
+            raise InputError(msg)
+        if "PixelData" not in ds:
+            msg = f"{path}: DICOM image must have PixelData, got none"
+            raise InputError(msg)
+        datasets.append(ds)
+
+    first = datasets[0]
+    iop = _floats(first, "ImageOrientationPatient", 6, info.files[0])
+    row_cos, col_cos = iop[:3], iop[3:]
+    spacing = _floats(first, "PixelSpacing", 2, info.files[0])
+    shape = (int(first.Rows), int(first.Columns))
+    for ds, path in zip(datasets[1:], info.files[1:]):
+        other = _floats(ds, "ImageOrientationPatient", 6, path)
+        if np.max(np.abs(other - iop)) > ORIENTATION_TOL:
+            msg = (
+                f"{where}: all slices must share one orientation, got {np.round(iop, 4).tolist()} "
+                f"and {np.round(other, 4).tolist()} ({path.name})"
+            )
+            raise GeometryError(msg)
+        if (int(ds.Rows), int(ds.Columns)) != shape:
+            msg = f"{where}: all slices must share one size {shape}, got {(ds.Rows, ds.Columns)} ({path.name})"
+            raise GeometryError(msg)
+        if np.max(np.abs(_floats(ds, "PixelSpacing", 2, path) - spacing)) > 1e-4:
+            msg = f"{where}: all slices must share one PixelSpacing {spacing.tolist()}, got {ds.PixelSpacing}"
+            raise GeometryError(msg)
+    normal = np.cross(row_cos, col_cos)
+    if not math.isclose(float(np.linalg.norm(normal)), 1.0, abs_tol=1e-3):
+        msg = f"{where}: ImageOrientationPatient must hold two orthonormal cosines, got {iop.tolist()}"
+        raise GeometryError(msg)
+
+    positions = np.stack(
+        [_floats(ds, "ImagePositionPatient", 3, p) for ds, p in zip(datasets, info.files)]
+    )
+    order = np.argsort(positions @ normal, kind="stable")
+    positions = positions[order]
+    datasets = [datasets[i] for i in order]
+    files = tuple(info.files[i] for i in order)
+    steps = np.diff(positions, axis=0)
+    gaps = steps @ normal
+    if np.any(gaps < 1e-3):
+        i = int(np.argmin(gaps))
+        msg = (
+            f"{where}: slice positions must be distinct, got {files[i].name} and {files[i + 1].name} "
+            f"at the same position {positions[i].round(3).tolist()} (duplicated slices or several acquisitions)"
+        )
+        raise GeometryError(msg)
+    slice_spacing = _check_spacing(gaps, where)
+    sideways = steps - np.outer(gaps, normal)
+    drift = float(np.max(np.linalg.norm(sideways, axis=1)))
+    if drift > TILT_TOL_MM:
+        mean_step = (positions[-1] - positions[0]) / (len(positions) - 1)
+        angle = math.degrees(math.acos(min(1.0, float(mean_step @ normal) / float(np.linalg.norm(mean_step)))))
+        if not allow_tilt:
+            msg = (
+                f"{where}: slice positions must lie along the slice normal, got a gantry/detector tilt of "
+                f"{angle:.2f} degrees (pass allow_tilt=True to keep a sheared affine)"
+            )
+            raise GeometryError(msg)
+        slice_vec = mean_step
+    else:
+        slice_vec = normal * slice_spacing
+
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_cos * spacing[1]
+    affine_lps[:3, 1] = col_cos * spacing[0]
+    affine_lps[:3, 2] = slice_vec
+    affine_lps[:3, 3] = positions[0]
+
+    array = _stack_pixels(datasets, files, shape)
+    meta = {
+        "modality": str(first.get("Modality", "")),
+        "series_uid": info.series_uid,
+        "study_uid": str(first.get("StudyInstanceUID", "")),
+        "series_description": str(first.get("SeriesDescription", "")),
+        "sop_instance_uids": [str(ds.get("SOPInstanceUID", "")) for ds in datasets],
+        "slice_spacing": slice_spacing,
+        "pixel_spacing": spacing.tolist(),
+    }
+    return DicomVolume(array=array, affine=LPS_TO_RAS @ affine_lps, meta=meta, files=files)
+
+
+def _stack_pixels(datasets: list[pydicom.Dataset], files: tuple[Path, ...], shape: tuple[int, int]) -> np.ndarray:
+    """Stack slices into an (i, j, k) array with rescale applied, in the narrowest exact dtype."""
+    slopes = np.array([float(ds.get("RescaleSlope", 1) or 1) for ds in datasets])
+    inters = np.array([float(ds.get("RescaleIntercept", 0) or 0) for ds in datasets])
+    slices = [_slice_pixels(ds, path) for ds, path in zip(datasets, files)]
+    for pixels, path in zip(slices, files):
+        if pixels.shape != shape:
+            msg = f"{path}: pixel data must be {shape}, got {pixels.shape}"
+            raise InputError(msg)
+    integral = all(p.dtype.kind in "iu" for p in slices) and bool(
+        np.all(slopes == 1) and np.all(inters == np.round(inters))
+    )
+    out_dtype = np.dtype(np.float32)
+    if integral:
+        lo = min(int(p.min()) + int(c) for p, c in zip(slices, inters))
+        hi = max(int(p.max()) + int(c) for p, c in zip(slices, inters))
+        narrowest = (np.uint8, np.int16, np.int32) if all(p.dtype == np.uint8 for p in slices) else (np.int16, np.int32)
+        for candidate in narrowest:
+            info = np.iinfo(candidate)
+            if info.min <= lo and hi <= info.max:
+                out_dtype = np.dtype(candidate)
+                break
+        else:
+            out_dtype = np.dtype(np.float64)
+    stack = np.empty((len(slices), *shape), dtype=out_dtype)
+    for k, pixels in enumerate(slices):
+        if integral:
+            if inters[k] == 0:
+                stack[k] = pixels
+            else:
+                np.add(pixels, int(inters[k]), out=stack[k], dtype=out_dtype, casting="unsafe")
+        else:
+            np.multiply(pixels, np.float32(slopes[k]), out=stack[k], casting="unsafe")
+            stack[k] += np.float32(inters[k])
+    # (k, rows=j, cols=i) -> (i, j, k) as a view: no copy.
+    return stack.transpose(2, 1, 0)

@@ -1,0 +1,84 @@
+"""Write volumes and label maps on a given voxel grid, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.io.atomic import atomic_path
+from medseg.io.readers import LPS_TO_RAS
+
+
+def _as_numpy(array: object) -> np.ndarray:
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()  # type: ignore[union-attr]
+    return np.asarray(array)
+
+
+def write_volume(array: object, affine: object, path: str | Path, dtype: np.dtype | None = None) -> Path:
+    """Write a 3D volume indexed ``(i, j, k)`` with a RAS+ affine; the suffix picks the format.
+
+    ``.nii``/``.nii.gz`` go through nibabel (sform and qform both set); other suffixes
+    (``.nrrd``, ``.mha``, ...) through SimpleITK (which stores LPS).
+
+    Args:
+        array: The volume (numpy array or tensor), 3D.
+        affine: 4x4 voxel-to-world matrix, RAS+.
+        path: Destination file.
+        dtype: Storage dtype (defaults to the array's).
+
+    Returns:
+        The written path.
+
+    Raises:
+        InputError: If the array is not 3D or the affine not 4x4.
+    """
+    data = _as_numpy(array)
+    aff = _as_numpy(affine).astype(np.float64)
+    if data.ndim != 3:
+        msg = f"volume to write must be 3D (X, Y, Z), got shape {data.shape}"
+        raise InputError(msg)
+    if aff.shape != (4, 4):
+        msg = f"affine must be 4x4, got shape {aff.shape}"
+        raise InputError(msg)
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    path = Path(path)
+    name = path.name.lower()
+    with atomic_path(path) as tmp:
+        if name.endswith((".nii", ".nii.gz")):
+            img = nib.Nifti1Image(data, aff)
+            img.set_sform(aff, code=1)
+            img.set_qform(aff, code=1)
+            nib.save(img, tmp)
+        else:
+            import SimpleITK as sitk
+
+            image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+            lps = LPS_TO_RAS @ aff
+            spacing = np.linalg.norm(lps[:3, :3], axis=0)
+            image.SetSpacing(spacing.tolist())
+            image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
+            image.SetOrigin(lps[:3, 3].tolist())
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+    return path
+
+
+def write_label_map(labels: object, affine: object, path: str | Path) -> Path:
+    """Write an integer label map in the narrowest unsigned dtype that holds its labels.
+
+    Args:
+        labels: 3D integer label map indexed ``(i, j, k)``.
+        affine: 4x4 RAS+ affine of the grid (the source image's, for outputs).
+        path: Destination file (``.nii.gz`` recommended).
+
+    Returns:
+        The written path.
+    """
+    data = _as_numpy(labels)
+    top = int(data.max()) if data.size else 0
+    dtype = np.uint8 if top < 256 else np.uint16
+    return write_volume(data, affine, path, dtype=np.dtype(dtype))
