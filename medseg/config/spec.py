@@ -90,7 +90,7 @@ class ChannelSpec(FrozenModel):
 
 
 class CaseSpec(FrozenModel):
-    """One case: an image path per channel, and an optional label map."""
+    """One case: an image path per channel (or one 4D file of every channel), and an optional label map."""
 
     id: Annotated[str, Field(min_length=1)]
     images: Annotated[list[str], Field(min_length=1)]
@@ -163,11 +163,15 @@ class DatasetSpec(FrozenModel):
                 msg = f"case ids must be unique, got duplicates {dupes}"
                 raise ValueError(msg)
             for case in self.cases:
-                if len(case.images) != n:
-                    msg = f"case '{case.id}' must list {n} image(s), one per channel, got {len(case.images)}"
+                if len(case.images) not in (1, n):
+                    msg = (
+                        f"case '{case.id}' must list {n} image(s), one per channel (or one 4D file), "
+                        f"got {len(case.images)}"
+                    )
                     raise ValueError(msg)
         if self.case_patterns is not None and len(self.case_patterns.images) != n:
-            msg = f"case_patterns.images must hold {n} pattern(s), one per channel, got {len(self.case_patterns.images)}"
+            got = len(self.case_patterns.images)
+            msg = f"case_patterns.images must hold {n} pattern(s), one per channel, got {got}"
             raise ValueError(msg)
         return self
 
@@ -220,7 +224,8 @@ class LoadedSpec(FrozenModel):
                 label = self.root / case.label if case.label else None
                 for j, path in enumerate(images):
                     if not path.exists():
-                        msg = f"{src}: field 'cases.{i}.images.{j}' must name an existing file, got missing {path}"
+                        field = f"cases.{i}.images.{j}"
+                        msg = f"{src}: field '{field}' must name an existing file, got missing {path}"
                         raise ConfigError(msg)
                 if label is not None and not label.exists():
                     msg = f"{src}: field 'cases.{i}.label' must name an existing file, got missing {label}"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,11 @@ from medseg.errors import GeometryError, InputError
 from medseg.io.readers import DicomSeriesReader, NiftiReader, SimpleITKReader
 
 GRID_ATOL_MM = 1e-3
+
+# MONAI builds its optional GPU DICOM reader with every LoadImage and says, each time, that the
+# GPU codec is missing; on a CPU machine that is expected, not news.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*nvImageCodec.*", category=UserWarning)
 
 
 def _readers(series_uid: str | None, min_slices: int, allow_tilt: bool) -> list[Any]:
@@ -50,12 +58,22 @@ def make_load_transform(
         loader = LoadImage(reader=readers, image_only=True, ensure_channel_first=True, dtype=dtype)
         inner = loader
     else:
-        loader = LoadImaged(keys=list(keys), reader=readers, image_only=True, ensure_channel_first=True, dtype=dtype)
+        loader = LoadImaged(
+            keys=list(keys), reader=readers, image_only=True, ensure_channel_first=True, dtype=dtype
+        )
         inner = loader._loader
     # Given readers, MONAI tries each in turn and swallows their errors; choosing by suffix instead
     # lets our specific errors (GeometryError, ...) reach the caller.
     inner.auto_select = True
     return loader
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_loader(series_uid: str | None, min_slices: int, allow_tilt: bool, dtype: Any) -> LoadImage:
+    # Building a LoadImage instantiates every MONAI reader: build one per setting, once.
+    return make_load_transform(
+        series_uid=series_uid, min_slices=min_slices, allow_tilt=allow_tilt, dtype=dtype
+    )
 
 
 def _check_path(path: Path) -> None:
@@ -93,7 +111,7 @@ def load_image(
     """
     path = Path(path)
     _check_path(path)
-    loader = make_load_transform(series_uid=series_uid, min_slices=min_slices, allow_tilt=allow_tilt, dtype=dtype)
+    loader = _cached_loader(series_uid, min_slices, allow_tilt, dtype)
     try:
         return loader(str(path))
     except (InputError, MemoryError):
@@ -150,4 +168,4 @@ def load_case(paths: Sequence[str | Path], **kwargs: Any) -> MetaTensor:
     for img in images[2:]:
         dtype = torch.promote_types(dtype, img.dtype)
     stacked = torch.cat([img.as_tensor().to(dtype) for img in images], dim=0)
-    return MetaTensor(stacked, affine=first.affine, meta=first.meta)
+    return MetaTensor(stacked, meta=first.meta)

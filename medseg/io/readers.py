@@ -210,7 +210,7 @@ class NiftiReader(ImageReader):
             arr = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
             if not dtype.isnative:
                 arr = arr.astype(dtype.newbyteorder("="))
-            slope, inter = header.get_slope_inter()
+            slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)  # the header's are reset on load
             if slope is not None and not (slope == 1 and (inter or 0) == 0):
                 arr = arr * np.float32(slope) + np.float32(inter or 0)
             out.append((arr, np.asarray(img.affine, dtype=np.float64)))
