@@ -1,0 +1,1 @@
+"""Batch processing of scan folders: discovery, one job per scan."""

@@ -1,0 +1,38 @@
+"""Overlap metrics on label maps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+
+def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: Iterable[int]) -> dict[int, float]:
+    """Dice coefficient per label.
+
+    Both empty counts as a perfect match (1.0), by convention.
+
+    Args:
+        pred: Predicted label map.
+        truth: Reference label map of the same shape.
+        labels: Label values to score (usually the foreground ones).
+
+    Returns:
+        Map from label value to Dice.
+
+    Examples:
+        >>> a = np.array([0, 1, 1, 2]); b = np.array([0, 1, 2, 2])
+        >>> dice_per_label(a, b, [1, 2])
+        {1: 0.6666666666666666, 2: 0.6666666666666666}
+    """
+    pred = np.asarray(pred)
+    truth = np.asarray(truth)
+    if pred.shape != truth.shape:
+        msg = f"prediction and reference must have one shape, got {pred.shape} and {truth.shape}"
+        raise ValueError(msg)
+    out: dict[int, float] = {}
+    for v in labels:
+        p, t = pred == v, truth == v
+        denom = int(p.sum()) + int(t.sum())
+        out[int(v)] = 1.0 if denom == 0 else 2.0 * float(np.logical_and(p, t).sum()) / denom
+    return out
