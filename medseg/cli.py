@@ -73,13 +73,48 @@ def check(
 
 
 @app.command()
+def plan(
+    spec: Annotated[Path, typer.Argument(help="Data spec (YAML) or dataset.json.")],
+    out: Annotated[Path, typer.Option(help="Pipeline YAML to write.")] = Path("pipeline.yaml"),
+    data_root: Annotated[Path | None, typer.Option(help="Override the spec's data root.")] = None,
+    model: Annotated[str, typer.Option(help="Model to plan for.")] = "unet3d",
+    budget_mb: Annotated[float | None, typer.Option(help="Training memory budget in MB.")] = None,
+    gpu: Annotated[bool, typer.Option(help="Plan for a GPU (bigger budget and network).")] = False,
+) -> None:
+    """Fingerprint a data set and write a pipeline config with every decision explained."""
+    from medseg.config.spec import load_spec
+    from medseg.errors import MedsegError
+    from medseg.tracking import tracked_run
+    from medseg.training.planning import plan_pipeline, write_plan
+
+    try:
+        loaded = load_spec(spec, data_root)
+        cfg, text = plan_pipeline(loaded, model=model, budget_mb=budget_mb, gpu=gpu)
+        write_plan(out, text)
+        with tracked_run("plan", run_name=cfg.name, params=cfg.model_dump(mode="json")) as run:
+            run.log_text(text, "pipeline.yaml")
+    except MedsegError as exc:
+        _fail(str(exc))
+    typer.echo(text)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def train(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline config (pipelines/*.yaml).")],
     data: Annotated[Path, typer.Option("--data", help="Data spec (YAML) or dataset.json.")],
     out: Annotated[Path, typer.Option(help="Output folder for the model bundle.")] = Path("model"),
     data_root: Annotated[Path | None, typer.Option(help="Override the spec's data root.")] = None,
+    fold: Annotated[
+        int | None, typer.Option(help="Cross-validation fold (splits stored beside the spec).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
     epochs: Annotated[int | None, typer.Option(help="Override the number of epochs.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    register: Annotated[
+        str | None, typer.Option(help="Register the bundle in the MLflow Model Registry.")
+    ] = None,
 ) -> None:
     """Train a model on a data spec; logs the run to MLflow and writes a model bundle."""
     import torch
@@ -104,12 +139,17 @@ def train(
         typer.echo(f"epoch {epoch}/{total}: {shown}")
 
     try:
-        result = run_training(cfg, loaded, out, progress=progress)
+        result = run_training(cfg, loaded, out, fold=fold, resume=resume, device=device, progress=progress)
     except MedsegError as exc:
         _fail(str(exc))
     typer.echo(
         f"model bundle: {result.bundle} (MLflow run {result.run_id}, best val Dice {result.best_dice:.4f})"
     )
+    if register:
+        from medseg.tracking import register_bundle
+
+        version = register_bundle(result.run_id, register)
+        typer.echo(f"registered as models:/{register}/{version}")
 
 
 @app.command()
@@ -117,7 +157,8 @@ def predict(
     source: Annotated[Path, typer.Argument(help="A scan file, a DICOM series folder, or a folder of scans.")],
     out_dir: Annotated[Path, typer.Argument(help="Output folder: one sub-folder per scan.")],
     model: Annotated[
-        list[Path], typer.Option("--model", help="Model bundle folder (repeat for an ensemble).")
+        list[str],
+        typer.Option("--model", help="Bundle folder or MLflow URI runs:/... models:/... (repeat: ensemble)."),
     ],
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,

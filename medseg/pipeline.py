@@ -71,8 +71,11 @@ class Predictor:
 
     @classmethod
     def from_path(cls, *paths: str | Path, device: str | torch.device = "cpu") -> Predictor:
-        """Load bundle folder(s) and build a predictor."""
-        return cls([load_bundle(p, device=device) for p in paths], device=device)
+        """Load bundles (folders, or MLflow ``runs:/``/``models:/`` URIs) and build a predictor."""
+        from medseg.tracking.models import is_mlflow_uri, resolve_bundle_uri
+
+        local = [resolve_bundle_uri(str(p)) if is_mlflow_uri(str(p)) else Path(p) for p in paths]
+        return cls([load_bundle(p, device=device) for p in local], device=device)
 
     @property
     def spec(self):

@@ -14,8 +14,48 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from medseg.config.base import FrozenModel, dump_yaml, read_yaml, validate
+from medseg.config.spec import DatasetSpec, IntensitySpec
 
 Size3 = tuple[PositiveInt, PositiveInt, PositiveInt]
+Spacing3 = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+
+
+class PreprocessConfig(FrozenModel):
+    """Preprocessing decisions that override the data spec's (``medseg plan`` writes them).
+
+    Attributes:
+        target_spacing: Voxel spacing to resample to (x, y, z, RAS order), in mm.
+        intensity: One intensity setting per channel.
+    """
+
+    target_spacing: Spacing3 | None = None
+    intensity: list[IntensitySpec] | None = None
+
+
+class AugmentConfig(FrozenModel):
+    """Training augmentation (probabilities per patch; 0 turns a transform off).
+
+    Attributes:
+        flip_prob: Probability of a flip, per axis.
+        rotate_prob: Probability of a random rotation (up to ``rotate_deg`` about each axis).
+        rotate_deg: Largest rotation angle, degrees.
+        scale_prob: Probability of a random zoom in ``[1 - scale, 1 + scale]``.
+        scale: Zoom range.
+        elastic_prob: Probability of an elastic deformation (slow on CPU).
+        intensity_prob: Probability of a random intensity scale and shift (by 0.1).
+        noise_prob: Probability of Gaussian noise (std 0.05).
+        gamma_prob: Probability of a gamma change in ``[0.7, 1.5]``.
+    """
+
+    flip_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    rotate_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    rotate_deg: Annotated[float, Field(ge=0.0, le=180.0)] = 15.0
+    scale_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    scale: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.15
+    elastic_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    intensity_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+    noise_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.15
+    gamma_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
 class ModelConfig(FrozenModel):
@@ -39,7 +79,15 @@ class TrainConfig(FrozenModel):
         val_fraction: Fraction of cases held out for validation.
         val_every: Validate every N epochs (full tiled inference on whole volumes).
         seed: Random seed.
-        max_minutes: Stop after this wall time (minutes), at an epoch boundary.
+        max_minutes: Stop after this wall time (minutes), at an epoch boundary; the learning-rate
+            schedule follows the time budget (not in deterministic mode).
+        optimizer: ``adamw`` or ``sgd`` (Nesterov, momentum 0.99, as nnU-Net).
+        schedule: ``cosine`` or ``poly`` (exponent 0.9) learning-rate decay.
+        deterministic: Deterministic algorithms, and a schedule by epochs only.
+        cache: Keep preprocessed volumes in memory, on disk (``out/cache``), or not at all.
+        folds: Number of cross-validation folds (used with ``--fold``).
+        augment: Augmentation settings.
+        mixed_precision: Autocast to float16 on CUDA (ignored on CPU).
     """
 
     epochs: PositiveInt = 100
@@ -53,6 +101,13 @@ class TrainConfig(FrozenModel):
     val_every: PositiveInt = 10
     seed: int = 0
     max_minutes: PositiveFloat | None = None
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    schedule: Literal["cosine", "poly"] = "cosine"
+    deterministic: bool = False
+    cache: Literal["memory", "disk", "none"] = "memory"
+    folds: Annotated[int, Field(ge=2)] = 5
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    mixed_precision: bool = True
 
 
 class InferenceConfig(FrozenModel):
@@ -75,6 +130,7 @@ class PipelineConfig(FrozenModel):
     """A whole pipeline: model, training and inference."""
 
     name: Annotated[str, Field(min_length=1)]
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
@@ -83,6 +139,28 @@ class PipelineConfig(FrozenModel):
     def window(self) -> tuple[int, int, int]:
         """The inference window size."""
         return self.inference.patch_size or self.train.patch_size
+
+    def effective_spec(self, spec: DatasetSpec) -> DatasetSpec:
+        """The data spec with this pipeline's preprocessing overrides applied.
+
+        Raises:
+            ValueError: If the override lists a different number of channels than the spec.
+        """
+        update: dict[str, object] = {}
+        if self.preprocess.target_spacing is not None:
+            update["target_spacing"] = self.preprocess.target_spacing
+        if self.preprocess.intensity is not None:
+            if len(self.preprocess.intensity) != len(spec.channels):
+                msg = (
+                    f"preprocess.intensity must hold one setting per channel ({len(spec.channels)}), "
+                    f"got {len(self.preprocess.intensity)}"
+                )
+                raise ValueError(msg)
+            update["channels"] = [
+                c.model_copy(update={"intensity": i})
+                for c, i in zip(spec.channels, self.preprocess.intensity)
+            ]
+        return spec.model_copy(update=update) if update else spec
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:

@@ -9,6 +9,7 @@ Open a run with :func:`tracked_run`; look runs up with :func:`find_runs`. MLflow
 only when a run is opened, so importing this package is cheap.
 """
 
+from medseg.tracking.models import is_mlflow_uri, register_bundle, resolve_bundle_uri
 from medseg.tracking.params import flatten_params, sanitize_key, to_jsonable
 from medseg.tracking.runs import TAG_ERROR, TAG_GIT_COMMIT, TAG_VERSION, RunLog, Stopwatch, tracked_run
 from medseg.tracking.store import TAG_KIND, TAG_PARENT, RunKind, find_runs, tracking_uri
@@ -24,6 +25,9 @@ __all__ = [
     "Stopwatch",
     "find_runs",
     "flatten_params",
+    "is_mlflow_uri",
+    "register_bundle",
+    "resolve_bundle_uri",
     "sanitize_key",
     "to_jsonable",
     "tracked_run",

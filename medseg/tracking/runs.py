@@ -273,6 +273,7 @@ def tracked_run(
     tags: Mapping[str, Any] | None = None,
     uri: str | None = None,
     parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[RunLog]:
     """Open an MLflow run for one medseg command, and close it whatever happens.
 
@@ -290,6 +291,8 @@ def tracked_run(
         tags: Extra tags; they cannot override the ``medseg.*`` tags set here.
         uri: The tracking URI; default :func:`tracking_uri`.
         parent_run_id: The run this one is nested under, e.g. a cross-validation run over folds.
+        resume_run_id: Reopen this existing run (``train --resume``) instead of creating one;
+            params already logged are not logged again.
 
     Yields:
         The :class:`RunLog` to log metrics, params, tags and artifacts with.
@@ -314,11 +317,20 @@ def tracked_run(
         except mlflow_module().exceptions.MlflowException as exc:
             msg = f"parent_run_id must name a run in {uri}, got {parent_run_id!r}"
             raise ConfigError(msg) from exc
-    all_tags = {**_tag_values(tags or {}), **_system_tags(kind, parent_run_id)}
-    run = mlflow_client.create_run(exp_id, tags=all_tags, run_name=run_name)
-    log = RunLog(mlflow_client, run.info.run_id, experiment, uri)
+    if resume_run_id:
+        try:
+            mlflow_client.get_run(resume_run_id)
+        except mlflow_module().exceptions.MlflowException as exc:
+            msg = f"resume_run_id must name a run in {uri}, got {resume_run_id!r}"
+            raise ConfigError(msg) from exc
+        mlflow_client.update_run(resume_run_id, status="RUNNING")
+        log = RunLog(mlflow_client, resume_run_id, experiment, uri)
+    else:
+        all_tags = {**_tag_values(tags or {}), **_system_tags(kind, parent_run_id)}
+        run = mlflow_client.create_run(exp_id, tags=all_tags, run_name=run_name)
+        log = RunLog(mlflow_client, run.info.run_id, experiment, uri)
     try:
-        if params is not None:
+        if params is not None and not resume_run_id:
             log.log_params(params)
         yield log
     except BaseException as exc:

@@ -20,7 +20,7 @@ from medseg.config.spec import LoadedSpec, ResolvedCase
 from medseg.errors import ConfigError
 from medseg.models.registry import check_input_size
 from medseg.tiling import sliding_window_probabilities
-from medseg.training.data import load_validation, make_train_loader
+from medseg.training.data import PatchLoader, load_validation
 from medseg.training.metrics import dice_per_label
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
@@ -80,9 +80,20 @@ def training_progress(epoch: int, epochs: int, elapsed_min: float, max_minutes: 
     return min(1.0, done)
 
 
-def set_cosine_lr(opt: torch.optim.Optimizer, base_lr: float, progress: float, floor: float = 0.01) -> float:
-    """Set a cosine-annealed learning rate for the given training progress; returns it."""
-    lr = base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+def set_lr(
+    opt: torch.optim.Optimizer, base_lr: float, progress: float, schedule: str = "cosine", floor: float = 0.01
+) -> float:
+    """Set the learning rate for the given training progress (cosine or poly decay); returns it.
+
+    Examples:
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> round(set_lr(opt, 1.0, 0.5, "cosine"), 3), round(set_lr(opt, 1.0, 0.5, "poly"), 3)
+        (0.505, 0.536)
+    """
+    if schedule == "poly":
+        lr = base_lr * max(floor, (1 - progress) ** 0.9)
+    else:
+        lr = base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
     for group in opt.param_groups:
         group["lr"] = lr
     return lr
@@ -110,11 +121,43 @@ def validate_model(
     return {v: float(np.mean(s)) for v, s in scores.items()}
 
 
+def _checkpoint_state(
+    network: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, best: float, run_id: str, history: list
+) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "model": network.state_dict(),
+        "optimizer": opt.state_dict(),
+        "best": best,
+        "run_id": run_id,
+        "history": history,
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    from medseg.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _loss(loss_fn: Any, output: Any, target: torch.Tensor) -> torch.Tensor:
+    if isinstance(output, (list, tuple)):  # deep supervision heads: the models package weighs them
+        from medseg.models import deep_supervision_loss
+
+        return deep_supervision_loss(loss_fn, output, target)
+    return loss_fn(output, target)
+
+
 def train(
     cfg: PipelineConfig,
     data: LoadedSpec,
     out_dir: str | Path,
     *,
+    fold: int | None = None,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
     tracking_uri: str | None = None,
     experiment: str = "medseg",
     progress: ProgressFn | None = None,
@@ -122,9 +165,14 @@ def train(
     """Train the pipeline's model on a spec's cases and save the best model as a bundle.
 
     Args:
-        cfg: Pipeline config (model, training, inference settings).
+        cfg: Pipeline config (preprocessing overrides, model, training, inference settings).
         data: The data spec with its resolved root.
-        out_dir: Where the bundle (``out_dir/bundle``) and checkpoints go.
+        out_dir: Where the bundle (``out_dir/bundle``), the last model (``out_dir/last``) and the
+            checkpoint (``out_dir/checkpoint.pt``) go.
+        fold: Train on fold ``fold`` of ``cfg.train.folds`` (splits stored beside the spec);
+            ``None`` holds out ``val_fraction`` of the cases at random.
+        resume: Continue from ``out_dir/checkpoint.pt`` (epoch, weights, optimizer, MLflow run).
+        device: Where the network trains.
         tracking_uri: MLflow store (default: ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``).
         experiment: MLflow experiment name.
         progress: Called after each epoch with ``(epoch, epochs, metrics)``.
@@ -133,65 +181,124 @@ def train(
         The :class:`TrainResult`.
 
     Raises:
-        ConfigError: If the patch size does not suit the model, or cases lack labels.
+        ConfigError: A patch size the model refuses, cases without labels, a bad fold, or
+            ``resume`` without a checkpoint.
     """
     from medseg.tracking import tracked_run
+    from medseg.training.splits import load_or_create_splits, splits_path
 
     out = Path(out_dir)
-    spec = data.spec
+    out.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.train
+    try:
+        spec = cfg.effective_spec(data.spec)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     seed_everything(tcfg.seed)
+    if tcfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     cases = data.resolve_cases(require_labels=True)
-    train_cases, val_cases = split_cases(cases, tcfg.val_fraction, tcfg.seed)
-    network = build_network(cfg, spec)
+    if fold is None:
+        train_cases, val_cases = split_cases(cases, tcfg.val_fraction, tcfg.seed)
+    else:
+        if not 0 <= fold < tcfg.folds:
+            msg = f"fold must be in 0..{tcfg.folds - 1}, got {fold}"
+            raise ConfigError(msg)
+        splits = load_or_create_splits(
+            splits_path(data.source, out), [c.id for c in cases], tcfg.folds, tcfg.seed
+        )
+        val_ids = set(splits[fold]["val"])
+        train_cases = [c for c in cases if c.id not in val_ids]
+        val_cases = [c for c in cases if c.id in val_ids]
+    network = build_network(cfg, spec).to(device)
     divisor = int(getattr(network, "size_divisor", 1))
     check_input_size(tcfg.patch_size, divisor)
     check_input_size(cfg.window, divisor)
-    if not any(p.requires_grad for p in network.parameters()):
-        msg = f"model '{cfg.model.name}' must have trainable parameters, got none"
-        raise ConfigError(msg)
     fg_labels = [v for v in spec.label_values if v != 0]
 
-    loader = make_train_loader(train_cases, spec, tcfg, tcfg.seed)
+    patches = PatchLoader(train_cases, spec, tcfg, tcfg.seed, cache_dir=out / "cache")
     val_volumes = load_validation(val_cases, spec) if val_cases else []
     loss_fn = DiceCELoss(
         to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5
     )
-    opt = torch.optim.AdamW(network.parameters(), lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    if tcfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            network.parameters(),
+            lr=tcfg.learning_rate,
+            momentum=0.99,
+            nesterov=True,
+            weight_decay=tcfg.weight_decay,
+        )
+    else:
+        opt = torch.optim.AdamW(network.parameters(), lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    use_amp = tcfg.mixed_precision and torch.device(device).type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    result = TrainResult(bundle=out / "bundle", run_id="", val_cases=[c.id for c in val_cases])
+    best, first_epoch, elapsed_before, resume_id = -1.0, 1, 0.0, None
+    ckpt_path = out / "checkpoint.pt"
+    if resume:
+        if not ckpt_path.is_file():
+            msg = f"--resume needs a checkpoint at {ckpt_path}, got none"
+            raise ConfigError(msg)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        best, first_epoch, resume_id = float(state["best"]), int(state["epoch"]) + 1, str(state["run_id"])
+        result.history = list(state["history"])
+        elapsed_before = float(state.get("elapsed", 0.0))
 
     params = {
         "pipeline": cfg.model_dump(mode="json"),
         "spec_name": spec.name,
+        "fold": fold if fold is not None else "random",
         "n_train_cases": len(train_cases),
         "n_val_cases": len(val_cases),
         "size_divisor": divisor,
         "n_parameters": sum(p.numel() for p in network.parameters()),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
     }
-    result = TrainResult(bundle=out / "bundle", run_id="", val_cases=[c.id for c in val_cases])
-    best = -1.0
-    start = time.perf_counter()
+    start = time.perf_counter() - elapsed_before
+    epoch = first_epoch - 1
     with tracked_run(
-        "train", experiment=experiment, run_name=cfg.name, params=params, uri=tracking_uri
+        "train",
+        experiment=experiment,
+        run_name=cfg.name if fold is None else f"{cfg.name}-fold{fold}",
+        params=params,
+        tags={"medseg.spec": spec.name, "medseg.model": cfg.model.name, "medseg.fold": str(fold)},
+        uri=tracking_uri,
+        resume_run_id=resume_id,
     ) as run:
         result.run_id = run.run_id
-        run.log_dict(cfg.model_dump(mode="json"), "pipeline.json")
-        run.log_dict(spec.model_dump(mode="json"), "spec.json")
-        network.train()
-        for epoch in range(1, tcfg.epochs + 1):
-            t0 = time.perf_counter()
-            losses = []
-            for batch in loader:
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(network(batch["image"]), batch["label"])
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-            elapsed_min = (time.perf_counter() - start) / 60
-            lr = set_cosine_lr(
-                opt, tcfg.learning_rate, training_progress(epoch, tcfg.epochs, elapsed_min, tcfg.max_minutes)
+        if not resume:
+            run.log_dict(cfg.model_dump(mode="json"), "pipeline.json")
+            run.log_dict(spec.model_dump(mode="json"), "spec.json")
+            run.log_dict(
+                {"train": [c.id for c in train_cases], "val": [c.id for c in val_cases]}, "split.json"
             )
+        network.train()
+        for epoch in range(first_epoch, tcfg.epochs + 1):
+            t0 = time.perf_counter()
+            elapsed_min = (time.perf_counter() - start) / 60
+            budget = None if tcfg.deterministic else tcfg.max_minutes
+            done = training_progress(epoch - 1, tcfg.epochs, elapsed_min, budget)
+            lr = set_lr(opt, tcfg.learning_rate, done, tcfg.schedule)
+            losses = []
+            for batch in patches.epoch(epoch):
+                image, label = batch["image"].to(device), batch["label"].to(device)
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+                    loss = _loss(loss_fn, network(image), label)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                losses.append(float(loss.detach()))
             metrics = {"train_loss": float(np.mean(losses)), "epoch_s": time.perf_counter() - t0, "lr": lr}
-            last = epoch == tcfg.epochs or (tcfg.max_minutes is not None and elapsed_min >= tcfg.max_minutes)
+            elapsed_min = (time.perf_counter() - start) / 60
+            out_of_time = budget is not None and elapsed_min >= budget
+            last = epoch == tcfg.epochs or out_of_time
             if val_volumes and (epoch % tcfg.val_every == 0 or last):
                 dice = validate_model(network, val_volumes, cfg, fg_labels)
                 mean = float(np.mean(list(dice.values())))
@@ -199,16 +306,25 @@ def train(
                 metrics["val_dice_mean"] = mean
                 if mean > best:
                     best = mean
-                    save_bundle(result.bundle, cfg, spec, network, {"epoch": epoch, "val_dice_mean": mean})
+                    save_bundle(
+                        result.bundle,
+                        cfg,
+                        spec,
+                        network,
+                        {"epoch": epoch, "val_dice_mean": mean, "fold": fold},
+                    )
             run.log_metrics(metrics, step=epoch)
             result.history.append({"epoch": epoch, **metrics})
+            state = _checkpoint_state(network, opt, epoch, best, run.run_id, result.history)
+            state["elapsed"] = time.perf_counter() - start
+            _save_checkpoint(ckpt_path, state)
             if progress is not None:
                 progress(epoch, tcfg.epochs, metrics)
             if last:
                 break
         if not val_volumes:
-            save_bundle(result.bundle, cfg, spec, network, {"epoch": epoch})
-        save_bundle(out / "last", cfg, spec, network, {"epoch": epoch})
+            save_bundle(result.bundle, cfg, spec, network, {"epoch": epoch, "fold": fold})
+        save_bundle(out / "last", cfg, spec, network, {"epoch": epoch, "fold": fold})
         result.seconds = time.perf_counter() - start
         result.best_dice = best if best >= 0 else math.nan
         run.log_metrics({"train_seconds": result.seconds, "best_val_dice_mean": result.best_dice})

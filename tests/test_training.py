@@ -1,0 +1,172 @@
+"""Training: planning, folds, resume, bundles from paths and MLflow URIs, ensembles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.bundle import load_bundle
+from medseg.config.pipeline import PipelineConfig, load_pipeline
+from medseg.config.spec import load_spec
+from medseg.errors import ConfigError
+from medseg.models.registry import check_input_size, size_divisor
+from medseg.pipeline import Predictor
+from medseg.training.loop import train
+from medseg.training.planning import plan_pipeline, write_plan
+from medseg.training.splits import make_splits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from medseg.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("train") / "ds", 4, shape=(32, 32, 16), seed=3)
+
+
+def _cfg(**train) -> PipelineConfig:
+    base = {"epochs": 2, "patch_size": [16, 16, 16], "batch_size": 1, "val_every": 1, "folds": 2}
+    base.update(train)
+    return PipelineConfig.model_validate(
+        {
+            "name": "tiny",
+            "model": {"name": "unet3d", "params": {"channels": [4, 8], "num_res_units": 0}},
+            "train": base,
+            "inference": {"batch_size": 2},
+        }
+    )
+
+
+def _copy_spec(src: Path, dest: Path) -> Path:
+    """A private copy of the spec file (splits get written beside it) pointing at the same data."""
+    dest.mkdir(parents=True, exist_ok=True)
+    text = src.read_text().replace("data_root: nifti", f"data_root: {src.parent / 'nifti'}")
+    (dest / "spec.yaml").write_text(text)
+    return dest / "spec.yaml"
+
+
+def test_plan_synthetic_gives_a_config_the_model_accepts(small_dataset: Path, tmp_path: Path) -> None:
+    cfg, text = plan_pipeline(load_spec(small_dataset))
+    divisor = size_divisor(cfg.model.name, **cfg.model.params)
+    check_input_size(cfg.train.patch_size, divisor)
+    assert cfg.preprocess.target_spacing == (1.5, 1.5, 3.0)
+    intensity = cfg.preprocess.intensity[0]
+    assert intensity.scheme == "ct"
+    assert intensity.clip[0] < 40 < intensity.clip[1]  # the phantoms' soft tissue sits at about 40 HU
+    assert "# preprocess.target_spacing: median spacing" in text
+    path = write_plan(tmp_path / "planned.yaml", text)
+    assert load_pipeline(path) == cfg
+
+
+def test_plan_hippocampus() -> None:
+    from geometry_helpers import shared
+
+    shared("hippocampus")
+    cfg, text = plan_pipeline(load_spec(REPO / "data_specs" / "hippocampus.yaml"))
+    check_input_size(cfg.train.patch_size, size_divisor(cfg.model.name, **cfg.model.params))
+    assert cfg.preprocess.intensity[0].scheme == "zscore"
+    assert "205 cases" in text
+    shipped = REPO / "pipelines" / "hippocampus.yaml"
+    if shipped.is_file():
+        check_input_size(load_pipeline(shipped).train.patch_size, divisor := 8)
+        assert divisor == 8
+
+
+def test_anisotropic_plan_uses_finer_coarse_axis(tmp_path: Path) -> None:
+    from medseg.training.planning import Fingerprint, plan_target_spacing
+
+    fp = Fingerprint(spacings=[(0.7, 0.7, 5.0), (0.8, 0.8, 5.0), (0.7, 0.7, 2.5), (0.75, 0.75, 5.0)])
+    spacing, why = plan_target_spacing(fp, 3.0)
+    assert spacing[2] < 5.0
+    assert "10th percentile" in why
+
+
+def test_splits_are_stable_and_cover_every_case() -> None:
+    ids = [f"c{i}" for i in range(10)]
+    splits = make_splits(ids, 5, seed=0)
+    assert sorted(c for s in splits for c in s["val"]) == ids
+    assert make_splits(list(reversed(ids)), 5, seed=0) == splits
+    for s in splits:
+        assert not set(s["val"]) & set(s["train"])
+    with pytest.raises(ConfigError, match="folds must be between 2"):
+        make_splits(ids, 11)
+
+
+def test_fold_training_stores_splits_beside_the_spec(small_dataset: Path, tmp_path: Path) -> None:
+    spec = _copy_spec(small_dataset, tmp_path / "spec")
+    result = train(_cfg(epochs=1), load_spec(spec), tmp_path / "fold1", fold=1)
+    splits = json.loads((tmp_path / "spec" / "spec.splits.json").read_text())
+    assert result.val_cases == splits[1]["val"]
+    with pytest.raises(ConfigError, match=r"fold must be in 0\.\.1"):
+        train(_cfg(epochs=1), load_spec(spec), tmp_path / "bad", fold=2)
+
+
+class _StopError(Exception):
+    pass
+
+
+def test_resume_matches_an_uninterrupted_run(small_dataset: Path, tmp_path: Path) -> None:
+    cfg = _cfg(epochs=4, deterministic=True, val_every=2)
+    data = load_spec(small_dataset)
+    whole = train(cfg, data, tmp_path / "whole")
+
+    def stop_after_two(epoch: int, total: int, metrics: dict) -> None:
+        if epoch == 2:
+            raise _StopError
+
+    with pytest.raises(_StopError):
+        train(cfg, data, tmp_path / "split", progress=stop_after_two)
+    interrupted_run = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["run_id"]
+    resumed = train(cfg, data, tmp_path / "split", resume=True)
+    assert resumed.run_id == interrupted_run  # the same MLflow run goes on
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    from medseg.tracking.store import client
+
+    mlflow_client = client()
+    assert len(mlflow_client.get_metric_history(resumed.run_id, "train_loss")) == 4
+    assert mlflow_client.get_run(resumed.run_id).info.status == "FINISHED"
+    a = load_bundle(tmp_path / "whole" / "last").network.state_dict()
+    b = load_bundle(tmp_path / "split" / "last").network.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    assert whole.history[-1]["train_loss"] == pytest.approx(resumed.history[-1]["train_loss"])
+    with pytest.raises(ConfigError, match="needs a checkpoint"):
+        train(cfg, data, tmp_path / "empty", resume=True)
+
+
+def test_bundle_from_path_and_mlflow_uris_predict_identically(small_dataset: Path, tmp_path: Path) -> None:
+    from medseg.tracking import register_bundle
+
+    result = train(_cfg(epochs=1), load_spec(small_dataset), tmp_path / "m")
+    scan = next((small_dataset.parent / "nifti" / "imagesTr").glob("*.nii.gz"))
+    reference = Predictor.from_path(result.bundle).predict_path(scan).labels
+    version = register_bundle(result.run_id, "tiny-test-model", alias="champion")
+    for uri in (
+        f"runs:/{result.run_id}/bundle",
+        f"models:/tiny-test-model/{version}",
+        "models:/tiny-test-model@champion",
+    ):
+        labels = Predictor.from_path(uri).predict_path(scan).labels
+        np.testing.assert_array_equal(labels, reference)
+    with pytest.raises(ConfigError, match="registered model version"):
+        Predictor.from_path("models:/tiny-test-model/99")
+
+
+def test_two_fold_ensemble_is_the_mean_of_its_members(small_dataset: Path, tmp_path: Path) -> None:
+    spec = _copy_spec(small_dataset, tmp_path / "spec")
+    bundles = [train(_cfg(epochs=1), load_spec(spec), tmp_path / f"f{k}", fold=k).bundle for k in (0, 1)]
+    scan = next((small_dataset.parent / "nifti" / "imagesTr").glob("*.nii.gz"))
+    from medseg.io import load_image
+
+    image = load_image(scan)
+    members = [Predictor.from_path(b).predict(image, keep_probabilities=True).probabilities for b in bundles]
+    ensemble = Predictor.from_path(*bundles).predict(image, keep_probabilities=True)
+    torch.testing.assert_close(ensemble.probabilities, (members[0] + members[1]) / 2)
+    np.testing.assert_array_equal(ensemble.labels, ensemble.probabilities.argmax(0).numpy())
+    shutil.rmtree(tmp_path / "f0")
