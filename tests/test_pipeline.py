@@ -121,7 +121,7 @@ def test_cli_predict_folder_with_a_broken_scan(tmp_path: Path) -> None:
     (scans / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08 definitely not gzip")
     result = CliRunner().invoke(app, ["predict", str(scans), str(tmp_path / "out"), "--model", str(bundle)])
     assert result.exit_code == 1, result.output
-    assert "2 scan(s) segmented, 1 failed" in result.output
+    assert "2 scan(s) segmented (0 kept from an earlier run), 1 failed" in result.output
     assert "broken: failed" in result.output
     assert (tmp_path / "out" / "good" / "labels.nii.gz").is_file()
     dicom_out = list((tmp_path / "out").glob("dicom-*/labels.nii.gz"))

@@ -1,17 +1,26 @@
-"""Run a model over every scan of a file or folder, one output folder per scan, one MLflow run."""
+"""Run a model over every scan of a file or folder: resumable, failure-isolating, one MLflow run.
+
+The runner discovers scans, skips those already done (same input fingerprint, same model), loads the
+next scan in a background thread while the current one is segmented, writes the manifest after
+every scan, and records the batch in MLflow (case ids, fingerprints and timings only: no paths,
+no patient data).
+"""
 
 from __future__ import annotations
 
-import json
+import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.batch.discover import Scan, discover_scans
-from medseg.errors import InputError, MedsegError
-from medseg.io.atomic import atomic_write_text
+from medseg.batch.discover import Scan, ScanFilter, discover
+from medseg.batch.job import TMP_PREFIX, JobResult, ScanJob, completed, input_fingerprint, run_job
+from medseg.batch.manifest import Manifest, check_existing
+from medseg.errors import InputError
 
 LABEL_FILE = "labels.nii.gz"
 
@@ -21,16 +30,50 @@ class BatchSummary:
     """Outcome of a prediction run.
 
     Attributes:
-        ok: Scans segmented.
+        ok: Scans segmented (now or by an earlier run).
         failed: Scans that failed (each with its reason in ``entries``).
-        entries: One record per scan: case id, input, status, error, outputs, seconds per step.
+        skipped: Files that are not scans (or were filtered out).
+        reused: Scans whose earlier outputs were kept.
+        entries: One record per scan (as in the manifest).
         run_id: The MLflow run id.
+        seconds: Wall time of the run.
+        model_seconds: Sum of the network time over the scans segmented in this run.
     """
 
     ok: int = 0
     failed: int = 0
+    skipped: int = 0
+    reused: int = 0
     entries: list[dict[str, Any]] = field(default_factory=list)
     run_id: str = ""
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+
+
+def _load(scan: Scan) -> Any:
+    from medseg.io import load_image
+
+    try:
+        return load_image(list(scan.files) if scan.files else scan.path, **scan.load_kwargs)
+    except Exception as exc:  # handed to the job, which records it as this scan's failure
+        return exc
+
+
+def _entry(job: ScanJob, result: JobResult) -> dict[str, Any]:
+    return {
+        "case_id": job.scan.case_id,
+        "inputs": [str(p) for p in job.scan.inputs],
+        "fingerprint": job.fingerprint,
+        "status": result.status,
+        "error": result.error,
+        "outputs": result.outputs,
+        "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+    }
+
+
+def _private(entry: dict[str, Any]) -> dict[str, Any]:
+    """What MLflow may see of a manifest entry: no input paths."""
+    return {k: v for k, v in entry.items() if k != "inputs"}
 
 
 def run_prediction(
@@ -42,71 +85,166 @@ def run_prediction(
     tracking_uri: str | None = None,
     experiment: str = "medseg",
     echo: Callable[[str], Any] | None = None,
+    scan_filter: ScanFilter | None = None,
+    keep_probabilities: bool = False,
+    exports: Sequence[str] = (),
+    overwrite: bool = False,
+    prefetch: bool = True,
+    progress_bar: bool | None = None,
 ) -> BatchSummary:
     """Segment every scan under ``source`` into ``out_dir/<case_id>/labels.nii.gz``.
 
-    A scan that fails is recorded with its reason and the run goes on. MLflow gets counts and
-    timings only (no input paths, which may name patients).
+    A scan that fails is recorded with its reason and the run goes on. Re-running into the same
+    ``out_dir`` skips scans whose outputs are complete and whose input is unchanged, and retries the
+    others.
 
     Args:
         source: A scan file, a DICOM series folder or a folder of scans.
         out_dir: Output folder.
-        models: Model bundle folder(s); several are an ensemble.
+        models: Model bundle folder(s) or MLflow URIs; several are an ensemble.
         device: Where the network runs.
         tracking_uri: MLflow store (default: ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``).
         experiment: MLflow experiment name.
-        echo: Where to print progress lines.
+        echo: Where to print one line per scan.
+        scan_filter: Which DICOM series to process.
+        keep_probabilities: Also write class probabilities per scan.
+        exports: Extra per-scan exports by name (see :mod:`medseg.batch.exports`).
+        overwrite: Allow an output folder made with another model.
+        prefetch: Load the next scan while the current one is segmented.
+        progress_bar: Show a progress bar (default: when stderr is a terminal).
 
     Returns:
-        The :class:`BatchSummary`; ``out_dir/summary.json`` holds the same records.
+        The :class:`BatchSummary`; ``out_dir/manifest.json`` and ``.csv`` hold the same records.
 
     Raises:
-        InputError: If no scan is found.
-        ConfigError: If a model bundle cannot be loaded.
+        InputError: No scan found, or ``out_dir`` made with another model.
+        ConfigError: A model bundle that cannot be loaded.
     """
+    from medseg.batch.exports import EXPORTERS
     from medseg.pipeline import Predictor
     from medseg.tracking import tracked_run
 
     say = echo or (lambda _msg: None)
-    scans: list[Scan] = discover_scans(source)
-    if not scans:
+    start = time.perf_counter()
+    found = discover(source, scan_filter)
+    if not found.scans:
         msg = f"input must hold at least one scan (NIfTI, NRRD, MHA or DICOM series), got none in {source}"
         raise InputError(msg)
+    for name in exports:
+        if name not in EXPORTERS:
+            msg = f"export must be one of {sorted(EXPORTERS)}, got '{name}'"
+            raise InputError(msg)
     predictor = Predictor.from_path(*models, device=device)
+    model_sha = "+".join(b.sha256 for b in predictor.bundles)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = BatchSummary()
+    check_existing(out, model_sha, overwrite)
+    for stale in out.glob(f"{TMP_PREFIX}*"):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+
+    manifest = Manifest(model_sha256=model_sha)
+    manifest.skipped = [{"path": str(s.path), "reason": s.reason} for s in found.skipped]
+    jobs: list[ScanJob] = []
+    summary = BatchSummary(skipped=len(found.skipped))
+    for scan in found.scans:
+        try:
+            fingerprint = input_fingerprint(list(scan.inputs))
+        except OSError as exc:
+            fingerprint = f"unreadable: {exc.strerror or exc}"
+        job = ScanJob(scan, fingerprint, model_sha, keep_probabilities, tuple(exports))
+        earlier = completed(out, job)
+        if earlier is not None:
+            manifest.entries[scan.case_id] = _entry(job, earlier)
+            summary.reused += 1
+        else:
+            manifest.entries[scan.case_id] = {
+                **_entry(job, JobResult(scan.case_id, "pending", fingerprint, model_sha))
+            }
+            jobs.append(job)
+    manifest.save(out)
+
     params = {
-        "models": [b.info.get("path") for b in predictor.bundles],
-        "model_sha256": [b.sha256 for b in predictor.bundles],
-        "n_scans": len(scans),
+        "model_sha256": model_sha,
+        "n_scans": len(found.scans),
+        "n_to_run": len(jobs),
+        "n_skipped_files": len(found.skipped),
         "device": device,
+        "keep_probabilities": keep_probabilities,
+        "exports": list(exports),
         "pipeline": predictor.bundles[0].pipeline.model_dump(mode="json"),
     }
+    show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
     with tracked_run("predict", experiment=experiment, params=params, uri=tracking_uri) as run:
         summary.run_id = run.run_id
-        for i, scan in enumerate(scans, 1):
-            entry: dict[str, Any] = {"case_id": scan.case_id, "input": str(scan.path), "status": "failed"}
-            t0 = time.perf_counter()
-            try:
-                dest = out / scan.case_id / LABEL_FILE
-                result = predictor.predict_to_file(scan.path, dest, **scan.load_kwargs)
-                entry.update(status="ok", outputs=[str(dest)], seconds=result.seconds)
-                summary.ok += 1
-            except MedsegError as exc:
-                entry["error"] = str(exc)
-                summary.failed += 1
-            entry["total_s"] = time.perf_counter() - t0
-            summary.entries.append(entry)
-            reason = f" ({entry['error']})" if "error" in entry else ""
-            say(f"[{i}/{len(scans)}] {scan.case_id}: {entry['status']}{reason}")
-            run.log_metrics({"scans_done": i, "scans_failed": summary.failed}, step=i)
-        atomic_write_text(out / "summary.json", json.dumps(summary.entries, indent=2))
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") if prefetch else None
+        pending: Future | None = pool.submit(_load, jobs[0].scan) if pool and jobs else None
+        try:
+            with _progress(len(jobs), show_bar) as advance:
+                for i, job in enumerate(jobs):
+                    image = None
+                    t_wait = time.perf_counter()
+                    if pending is not None:
+                        image = pending.result()
+                    waited = time.perf_counter() - t_wait
+                    if pool and i + 1 < len(jobs):
+                        pending = pool.submit(_load, jobs[i + 1].scan)
+                    result = run_job(job, predictor, out, image=image, exporters=EXPORTERS)
+                    if pool is not None:
+                        result.seconds["load_wait"] = waited
+                    entry = _entry(job, result)
+                    manifest.entries[job.scan.case_id] = entry
+                    manifest.save(out)
+                    summary.model_seconds += result.seconds.get("model", 0.0)
+                    failed = sum(e["status"] == "failed" for e in manifest.entries.values())
+                    advance(failed)
+                    reason = f" ({result.error})" if result.error else ""
+                    say(f"[{i + 1}/{len(jobs)}] {job.scan.case_id}: {result.status}{reason}")
+                    run.log_metrics({"scans_done": i + 1, "scans_failed": failed}, step=i + 1)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        counts = manifest.counts()
+        summary.ok, summary.failed = counts["ok"], counts["failed"]
+        summary.entries = list(manifest.entries.values())
+        summary.seconds = time.perf_counter() - start
         run.log_metrics(
             {
                 "scans_ok": summary.ok,
                 "scans_failed": summary.failed,
-                "mean_scan_s": sum(e["total_s"] for e in summary.entries) / len(summary.entries),
+                "scans_reused": summary.reused,
+                "files_skipped": summary.skipped,
+                "total_s": summary.seconds,
+                "model_s": summary.model_seconds,
             }
         )
+        run.log_dict({"scans": [_private(e) for e in summary.entries]}, "manifest.json")
     return summary
+
+
+class _progress:  # noqa: N801  (a context manager used like a function)
+    """A rich progress bar (scans done, failures, ETA), or nothing when not on a terminal."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled and total > 0
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda _failed: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("scans"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.bar.__enter__()
+        task = self.bar.add_task("scans", total=self.total, failed=0)
+        return lambda failed: self.bar.update(task, advance=1, failed=failed)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)

@@ -86,7 +86,7 @@ def _check_path(path: Path) -> None:
 
 
 def load_image(
-    path: str | Path,
+    path: str | Path | Sequence[str | Path],
     *,
     series_uid: str | None = None,
     min_slices: int = 3,
@@ -96,7 +96,7 @@ def load_image(
     """Load one image (DICOM series folder, NIfTI, NRRD, MHA, ...) as ``(C, X, Y, Z)``.
 
     Args:
-        path: A file, or a folder holding a DICOM series.
+        path: A file, a folder holding a DICOM series, or the files of one DICOM series.
         series_uid: Which DICOM series to read where a folder holds several.
         min_slices: Fewest DICOM slices accepted as a volume.
         allow_tilt: Accept gantry tilt in DICOM series.
@@ -109,11 +109,20 @@ def load_image(
         InputError: Missing, empty or unreadable input.
         GeometryError: A DICOM series that is not a valid volume.
     """
-    path = Path(path)
-    _check_path(path)
     loader = _cached_loader(series_uid, min_slices, allow_tilt, dtype)
+    if isinstance(path, (list, tuple)):  # the files of one DICOM series, whatever their names
+        files = [Path(p) for p in path]
+        for f in files:
+            _check_path(f)
+        dicom = next(r for r in loader.readers if isinstance(r, DicomSeriesReader))
+        call = functools.partial(loader, [str(f) for f in files], reader=dicom)
+        path = files[0].parent if files else Path()
+    else:
+        path = Path(path)
+        _check_path(path)
+        call = functools.partial(loader, str(path))
     try:
-        return loader(str(path))
+        return call()
     except (InputError, MemoryError):
         raise
     except Exception as exc:  # readers of third parties raise anything

@@ -82,3 +82,27 @@ def write_label_map(labels: object, affine: object, path: str | Path) -> Path:
     top = int(data.max()) if data.size else 0
     dtype = np.uint8 if top < 256 else np.uint16
     return write_volume(data, affine, path, dtype=np.dtype(dtype))
+
+
+def write_probabilities(probabilities: object, affine: object, path: str | Path) -> Path:
+    """Write ``(K, X, Y, Z)`` class probabilities as a 4D float16 NIfTI ``(X, Y, Z, K)``, atomically.
+
+    Args:
+        probabilities: Class probabilities, channel first.
+        affine: 4x4 RAS+ affine of the grid.
+        path: Destination ``.nii.gz``.
+
+    Returns:
+        The written path.
+    """
+    data = _as_numpy(probabilities)
+    if data.ndim != 4:
+        msg = f"probabilities must be 4D (K, X, Y, Z), got shape {data.shape}"
+        raise InputError(msg)
+    aff = _as_numpy(affine).astype(np.float64)
+    img = nib.Nifti1Image(np.moveaxis(data, 0, -1).astype(np.float16), aff)
+    img.set_sform(aff, code=1)
+    img.set_qform(aff, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return Path(path)

@@ -207,7 +207,9 @@ def plan_pipeline(
         "inference": {"overlap": 0.5},
     }
     cfg = validate(PipelineConfig, raw, "planned pipeline")
-    text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+    dumped = cfg.model_dump(mode="json", exclude_defaults=True)
+    dumped["model"] = {"name": cfg.model.name, **dumped.get("model", {})}
+    text = yaml.safe_dump(dumped, sort_keys=False, default_flow_style=None)
     header = [
         f"# Planned by `medseg plan` from {len(fp.shapes)} cases of '{data.spec.name}'.",
         f"# Class frequencies (voxels): {freq}",

@@ -1,0 +1,194 @@
+"""One job per scan: load, segment, write every output into the case's folder, all or nothing.
+
+A job is a small frozen value plus a function of it, so it runs unchanged in this process, in a
+worker process or on another machine (e.g. a Ray worker): everything it needs is in the job, the
+loaded predictor and the output root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg.batch.discover import Scan
+
+LABEL_FILE = "labels.nii.gz"
+PROBABILITY_FILE = "probabilities.nii.gz"
+RESULT_FILE = "result.json"
+TMP_PREFIX = ".tmp-"
+
+
+def input_fingerprint(paths: Sequence[Path]) -> str:
+    """A cheap fingerprint of a scan's files: names, sizes, modification times and first 64 KiB.
+
+    Args:
+        paths: The scan's files.
+
+    Returns:
+        A hex digest; it changes when any file is replaced, grows, shrinks or is touched.
+    """
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        st = p.stat()
+        h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        with p.open("rb") as f:
+            h.update(f.read(65536))
+    return h.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class ScanJob:
+    """What one scan's job needs to know.
+
+    Attributes:
+        scan: The scan (case id, path, DICOM series files).
+        fingerprint: Fingerprint of its input files.
+        model_sha256: Hash(es) of the model bundle(s), recorded with the outputs.
+        keep_probabilities: Also write the class probabilities (float16 NIfTI).
+        exports: Names of the exports to run (see :mod:`medseg.batch.exports`).
+    """
+
+    scan: Scan
+    fingerprint: str
+    model_sha256: str
+    keep_probabilities: bool = False
+    exports: tuple[str, ...] = ()
+
+
+@dataclass
+class JobResult:
+    """The outcome of one job (also ``OUT/<case_id>/result.json`` when it succeeded)."""
+
+    case_id: str
+    status: str
+    fingerprint: str
+    model_sha256: str
+    outputs: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def case_dir(out_root: Path, case_id: str) -> Path:
+    """The output folder of a case."""
+    return out_root / case_id
+
+
+def completed(out_root: Path, job: ScanJob) -> JobResult | None:
+    """The earlier result of this job if its outputs are complete and its input unchanged."""
+    path = case_dir(out_root, job.scan.case_id) / RESULT_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("status") != "ok" or data.get("fingerprint") != job.fingerprint:
+        return None
+    if data.get("model_sha256") != job.model_sha256:
+        return None
+    if not all((out_root / p).is_file() for p in data.get("outputs", [])):
+        return None
+    return JobResult(**data)
+
+
+def describe_error(exc: BaseException, scan: Scan) -> str:
+    """One sentence for the manifest: the error's own message, input paths replaced by ``<input>``."""
+    from medseg.errors import MedsegError
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not isinstance(exc, MedsegError):
+        text = f"{type(exc).__name__}: {text}"
+    for p in sorted({str(scan.path), *(str(f) for f in scan.files)}, key=len, reverse=True):
+        text = text.replace(p, "<input>")
+    return text
+
+
+def run_job(
+    job: ScanJob,
+    predictor: Any,
+    out_root: Path,
+    *,
+    image: Any = None,
+    exporters: dict[str, Callable[..., list[Path]]] | None = None,
+) -> JobResult:
+    """Segment one scan into ``out_root/<case_id>/``; never raises for a bad scan.
+
+    Outputs are written into a temporary folder that is renamed into place only when everything,
+    ``result.json`` last, is written: a job killed at any moment leaves no folder that looks complete.
+
+    Args:
+        job: The job.
+        predictor: A loaded :class:`~medseg.pipeline.Predictor`.
+        out_root: The batch's output folder.
+        image: The scan already loaded (by a prefetching thread), or ``None`` to load it here.
+        exporters: Export functions by name, called as ``fn(case_dir, image=, prediction=, job=)``
+            and returning the files they wrote (inside ``case_dir``).
+
+    Returns:
+        The :class:`JobResult`: status ``ok`` or ``failed`` with a one-sentence error.
+    """
+    import numpy as np
+
+    from medseg.io import load_image, write_label_map
+    from medseg.io.write import write_probabilities
+
+    case_id = job.scan.case_id
+    result = JobResult(case_id, "failed", job.fingerprint, job.model_sha256)
+    tmp = out_root / f"{TMP_PREFIX}{case_id}-{os.getpid()}"
+    final = case_dir(out_root, case_id)
+    t0 = time.perf_counter()
+    try:
+        if image is None:
+            image = load_image(
+                list(job.scan.files) if job.scan.files else job.scan.path, **job.scan.load_kwargs
+            )
+            result.seconds["load"] = time.perf_counter() - t0
+        if isinstance(image, BaseException):  # the prefetching thread failed to load it
+            raise image
+        prediction = predictor.predict(image, keep_probabilities=job.keep_probabilities)
+        result.seconds.update(prediction.seconds)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        t1 = time.perf_counter()
+        written = [write_label_map(prediction.labels, prediction.affine, tmp / LABEL_FILE)]
+        if job.keep_probabilities and prediction.probabilities is not None:
+            written.append(
+                write_probabilities(prediction.probabilities, prediction.affine, tmp / PROBABILITY_FILE)
+            )
+        for name in job.exports:
+            if exporters is None or name not in exporters:
+                msg = f"export must be one of {sorted(exporters or {})}, got '{name}'"
+                raise ValueError(msg)
+            written += exporters[name](tmp, image=image, prediction=prediction, job=job)
+        result.seconds["write"] = time.perf_counter() - t1
+        result.status = "ok"
+        result.outputs = [str(Path(case_id) / p.relative_to(tmp)) for p in written]
+        counts = np.bincount(np.asarray(prediction.labels).ravel())
+        result.details = {
+            "shape": list(prediction.labels.shape),
+            "voxels_per_label": {int(v): int(n) for v, n in enumerate(counts) if n},
+        }
+        result.seconds["total"] = time.perf_counter() - t0
+        (tmp / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except Exception as exc:  # one bad scan must never stop the batch
+        result.status = "failed"
+        result.error = describe_error(exc, job.scan)
+        result.details = {"traceback": traceback.format_exc(limit=3)[-2000:]}
+        result.seconds["total"] = time.perf_counter() - t0
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result

@@ -1,0 +1,98 @@
+"""The batch manifest: ``OUT/manifest.json`` and ``OUT/manifest.csv``, rewritten as scans finish."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import InputError
+from medseg.io.atomic import atomic_write_text
+
+MANIFEST_JSON = "manifest.json"
+MANIFEST_CSV = "manifest.csv"
+CSV_FIELDS = ("case_id", "status", "inputs", "fingerprint", "error", "outputs", "seconds_total")
+
+
+@dataclass
+class Manifest:
+    """Every scan of a batch with its outcome.
+
+    Attributes:
+        model_sha256: The model bundle hash(es) the outputs were made with.
+        entries: Per case id: inputs, fingerprint, status (ok/failed/skipped/pending), error,
+            outputs, seconds per stage.
+        skipped: Files that are not scans, with the reason.
+        started: When the run began (ISO time).
+    """
+
+    model_sha256: str
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def counts(self) -> dict[str, int]:
+        """Number of scans per status."""
+        out = {"ok": 0, "failed": 0, "skipped": len(self.skipped), "pending": 0}
+        for e in self.entries.values():
+            out[e["status"]] = out.get(e["status"], 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as JSON-ready data."""
+        return {
+            "model_sha256": self.model_sha256,
+            "started": self.started,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "counts": self.counts(),
+            "scans": list(self.entries.values()),
+            "skipped": self.skipped,
+        }
+
+    def save(self, out: Path) -> None:
+        """Write ``manifest.json`` and ``manifest.csv`` atomically."""
+        atomic_write_text(out / MANIFEST_JSON, json.dumps(self.to_dict(), indent=1))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for e in self.entries.values():
+            writer.writerow(
+                {
+                    "case_id": e["case_id"],
+                    "status": e["status"],
+                    "inputs": ";".join(e.get("inputs", [])[:1])
+                    + (f";+{len(e['inputs']) - 1}" if len(e.get("inputs", [])) > 1 else ""),
+                    "fingerprint": e.get("fingerprint", ""),
+                    "error": e.get("error") or "",
+                    "outputs": ";".join(e.get("outputs", [])),
+                    "seconds_total": f"{e.get('seconds', {}).get('total', 0.0):.2f}",
+                }
+            )
+        for s in self.skipped:
+            writer.writerow({"case_id": "", "status": "skipped", "inputs": s["path"], "error": s["reason"]})
+        atomic_write_text(out / MANIFEST_CSV, buf.getvalue())
+
+
+def check_existing(out: Path, model_sha256: str, overwrite: bool) -> None:
+    """Refuse to mix outputs of two models in one folder unless asked to.
+
+    Raises:
+        InputError: If ``out`` holds a manifest made with another model and ``overwrite`` is off.
+    """
+    path = out / MANIFEST_JSON
+    if not path.is_file() or overwrite:
+        return
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8")).get("model_sha256")
+    except json.JSONDecodeError:
+        return
+    if previous and previous != model_sha256:
+        msg = (
+            f"output folder must hold outputs of this model or none, got {out} made with model "
+            f"{previous[:12]}…; choose another folder or pass --overwrite"
+        )
+        raise InputError(msg)
