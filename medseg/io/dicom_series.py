@@ -19,6 +19,7 @@ Rules (each broken rule is a :class:`~medseg.errors.GeometryError` that says whi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,12 +30,14 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medseg.errors import GeometryError, InputError
+from medseg.io.dicom_pixels import raw_ds, stack_pixels
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ORIENTATION_TOL = 1e-4
 SPACING_REL_TOL = 0.01
 SPACING_ABS_TOL = 0.01
 TILT_TOL_MM = 0.01
+_DEFER_BYTES = 16384  # values larger than this (the pixels) stay on disk while headers are parsed
 NON_IMAGE_SOP_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.66",  # segmentation, raw data, spatial registration
     "1.2.840.10008.5.1.4.1.1.88",  # structured reports
@@ -107,25 +110,35 @@ def list_dicom_files(folder: Path, recursive: bool = True) -> list[Path]:
         Sorted file paths.
     """
     it: Iterable[Path] = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if p.is_file() and p.name.upper() != "DICOMDIR" and not p.name.startswith("."))
+    return sorted(
+        p for p in it if p.is_file() and p.name.upper() != "DICOMDIR" and not p.name.startswith(".")
+    )
 
 
-def scan_series(paths: Sequence[Path]) -> list[DicomSeriesInfo]:
-    """Group DICOM files into image series by SeriesInstanceUID, reading headers only.
+def _scan(
+    paths: Sequence[Path], keep_headers: bool
+) -> tuple[list[DicomSeriesInfo], dict[Path, pydicom.Dataset]]:
+    """Group image files by series; with ``keep_headers``, also return each file's whole header.
 
-    Args:
-        paths: Candidate files; files that are not DICOM, or not images, are passed over.
-
-    Returns:
-        The image series, largest first.
+    Whole headers are read with the pixel data left on disk (``defer_size``), so that reading a
+    series parses each file once. A file whose whole header fails to parse but whose few grouping
+    tags do is still grouped, without a header: reading it later reports the error.
     """
     groups: dict[str, list[Path]] = {}
     first: dict[str, pydicom.Dataset] = {}
+    headers: dict[Path, pydicom.Dataset] = {}
     for path in paths:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
-            continue
+        ds = None
+        if keep_headers:
+            with contextlib.suppress(InvalidDicomError, OSError, ValueError, EOFError):
+                ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        if ds is None:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            except (InvalidDicomError, OSError, ValueError, EOFError):
+                continue
+        elif keep_headers:
+            headers[path] = ds
         if not _is_image(ds):
             continue
         uid = str(ds.get("SeriesInstanceUID", "")) or "<missing SeriesInstanceUID>"
@@ -140,7 +153,19 @@ def scan_series(paths: Sequence[Path]) -> list[DicomSeriesInfo]:
         )
         for uid, files in groups.items()
     ]
-    return sorted(infos, key=lambda s: (-len(s.files), s.series_uid))
+    return sorted(infos, key=lambda s: (-len(s.files), s.series_uid)), headers
+
+
+def scan_series(paths: Sequence[Path]) -> list[DicomSeriesInfo]:
+    """Group DICOM files into image series by SeriesInstanceUID, reading headers only.
+
+    Args:
+        paths: Candidate files; files that are not DICOM, or not images, are passed over.
+
+    Returns:
+        The image series, largest first.
+    """
+    return _scan(paths, keep_headers=False)[0]
 
 
 def find_series(source: Path | Sequence[Path], series_uid: str | None = None) -> DicomSeriesInfo:
@@ -157,6 +182,12 @@ def find_series(source: Path | Sequence[Path], series_uid: str | None = None) ->
         InputError: If no image series is found, the UID is absent, or several series are present
             and none was chosen.
     """
+    return _find_series(source, series_uid, keep_headers=False)[0]
+
+
+def _find_series(
+    source: Path | Sequence[Path], series_uid: str | None, keep_headers: bool
+) -> tuple[DicomSeriesInfo, dict[Path, pydicom.Dataset]]:
     if isinstance(source, (str, Path)):
         folder = Path(source)
         if not folder.is_dir():
@@ -167,24 +198,27 @@ def find_series(source: Path | Sequence[Path], series_uid: str | None = None) ->
     else:
         paths = [Path(p) for p in source]
         where = f"{len(paths)} files starting {paths[0]}" if paths else "an empty file list"
-    series = scan_series(paths)
+    series, headers = _scan(paths, keep_headers)
     if not series:
         msg = f"{where}: must contain at least one DICOM image series, got none"
         raise InputError(msg)
     if series_uid is not None:
         for s in series:
             if s.series_uid == series_uid:
-                return s
+                return s, headers
         msg = f"{where}: series_uid must be one of {[s.series_uid for s in series]}, got {series_uid}"
         raise InputError(msg)
     if len(series) > 1:
         listing = "; ".join(s.describe() for s in series)
         msg = f"{where}: holds {len(series)} image series, choose one by SeriesInstanceUID: {listing}"
         raise InputError(msg)
-    return series[0]
+    return series[0], headers
 
 
 def _floats(ds: pydicom.Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
+    fast = raw_ds(ds, keyword)
+    if fast is not None and len(fast) == n and all(math.isfinite(v) for v in fast):
+        return np.asarray(fast, dtype=np.float64)
     value = ds.get(keyword)
     if value is None:
         msg = f"{path}: DICOM attribute {keyword} must be present for a volume, got none"
@@ -194,37 +228,6 @@ def _floats(ds: pydicom.Dataset, keyword: str, n: int, path: Path) -> np.ndarray
         msg = f"{path}: DICOM attribute {keyword} must hold {n} finite numbers, got {list(value)}"
         raise GeometryError(msg)
     return arr
-
-
-def _slice_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
-    """Stored pixel values of one single-frame slice as a (rows, cols) array."""
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        msg = f"{path}: DICOM image must be grey-scale (SamplesPerPixel 1), got {ds.SamplesPerPixel}"
-        raise InputError(msg)
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    if not ds.file_meta.TransferSyntaxUID.is_compressed and int(ds.BitsAllocated) in (8, 16, 32):
-        bits = int(ds.BitsAllocated)
-        signed = int(ds.get("PixelRepresentation", 0)) == 1
-        dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
-        if not ds.file_meta.TransferSyntaxUID.is_little_endian:
-            dtype = dtype.newbyteorder(">")
-        raw = ds.PixelData
-        need = rows * cols * dtype.itemsize
-        if len(raw) < need:
-            msg = f"{path}: PixelData must hold {need} bytes for {rows}x{cols}x{bits} bits, got {len(raw)}"
-            raise InputError(msg)
-        arr = np.frombuffer(raw, dtype=dtype, count=rows * cols).reshape(rows, cols)
-        bits_stored = int(ds.get("BitsStored", bits))
-        if signed and bits_stored < bits:  # sign-extend values stored in fewer bits
-            shift = bits - bits_stored
-            arr = (arr.astype(dtype.newbyteorder("=")) << shift) >> shift
-        return arr
-    try:
-        return ds.pixel_array
-    except Exception as exc:
-        ts = ds.file_meta.TransferSyntaxUID
-        msg = f"{path}: pixel data must be decodable, got transfer syntax {ts.name} that failed: {exc}"
-        raise InputError(msg) from exc
 
 
 def _check_spacing(gaps: np.ndarray, where: str) -> float:
@@ -271,7 +274,7 @@ def read_series(
         InputError: Unreadable or non-image input, several series without a choice.
         GeometryError: The slices do not form a valid volume (see the module's rules).
     """
-    info = find_series(source, series_uid)
+    info, headers = _find_series(source, series_uid, keep_headers=True)
     where = f"DICOM series {info.series_uid} in {info.files[0].parent}"
     if len(info.files) < min_slices:
         msg = f"{where}: must have at least {min_slices} slices to form a volume, got {len(info.files)}"
@@ -279,11 +282,13 @@ def read_series(
 
     datasets: list[pydicom.Dataset] = []
     for path in info.files:
-        try:
-            ds = pydicom.dcmread(path)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            msg = f"{path}: must be a readable DICOM file, got {type(exc).__name__}: {exc}"
-            raise InputError(msg) from exc
+        ds = headers.get(path)  # pixel data still on disk
+        if ds is None:
+            try:
+                ds = pydicom.dcmread(path)
+            except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+                msg = f"{path}: must be a readable DICOM file, got {type(exc).__name__}: {exc}"
+                raise InputError(msg) from exc
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             msg = f"{path}: DICOM slices must be single-frame, got {ds.NumberOfFrames} frames (multi-frame)"
             raise InputError(msg)
@@ -306,7 +311,9 @@ def read_series(
             )
             raise GeometryError(msg)
         if (int(ds.Rows), int(ds.Columns)) != shape:
-            msg = f"{where}: all slices must share one size {shape}, got {(ds.Rows, ds.Columns)} ({path.name})"
+            msg = (
+                f"{where}: all slices must share one size {shape}, got {(ds.Rows, ds.Columns)} ({path.name})"
+            )
             raise GeometryError(msg)
         if np.max(np.abs(_floats(ds, "PixelSpacing", 2, path) - spacing)) > 1e-4:
             msg = f"{where}: all slices must share one PixelSpacing {spacing.tolist()}, got {ds.PixelSpacing}"
@@ -316,9 +323,7 @@ def read_series(
         msg = f"{where}: ImageOrientationPatient must hold two orthonormal cosines, got {iop.tolist()}"
         raise GeometryError(msg)
 
-    positions = np.stack(
-        [_floats(ds, "ImagePositionPatient", 3, p) for ds, p in zip(datasets, info.files)]
-    )
+    positions = np.stack([_floats(ds, "ImagePositionPatient", 3, p) for ds, p in zip(datasets, info.files)])
     order = np.argsort(positions @ normal, kind="stable")
     positions = positions[order]
     datasets = [datasets[i] for i in order]
@@ -329,7 +334,8 @@ def read_series(
         i = int(np.argmin(gaps))
         msg = (
             f"{where}: slice positions must be distinct, got {files[i].name} and {files[i + 1].name} "
-            f"at the same position {positions[i].round(3).tolist()} (duplicated slices or several acquisitions)"
+            f"at the same position {positions[i].round(3).tolist()} "
+            "(duplicated slices or several acquisitions)"
         )
         raise GeometryError(msg)
     slice_spacing = _check_spacing(gaps, where)
@@ -337,7 +343,9 @@ def read_series(
     drift = float(np.max(np.linalg.norm(sideways, axis=1)))
     if drift > TILT_TOL_MM:
         mean_step = (positions[-1] - positions[0]) / (len(positions) - 1)
-        angle = math.degrees(math.acos(min(1.0, float(mean_step @ normal) / float(np.linalg.norm(mean_step)))))
+        angle = math.degrees(
+            math.acos(min(1.0, float(mean_step @ normal) / float(np.linalg.norm(mean_step))))
+        )
         if not allow_tilt:
             msg = (
                 f"{where}: slice positions must lie along the slice normal, got a gantry/detector tilt of "
@@ -354,7 +362,7 @@ def read_series(
     affine_lps[:3, 2] = slice_vec
     affine_lps[:3, 3] = positions[0]
 
-    array = _stack_pixels(datasets, files, shape)
+    array = stack_pixels(datasets, files, shape)
     meta = {
         "modality": str(first.get("Modality", "")),
         "series_uid": info.series_uid,
@@ -365,41 +373,3 @@ def read_series(
         "pixel_spacing": spacing.tolist(),
     }
     return DicomVolume(array=array, affine=LPS_TO_RAS @ affine_lps, meta=meta, files=files)
-
-
-def _stack_pixels(datasets: list[pydicom.Dataset], files: tuple[Path, ...], shape: tuple[int, int]) -> np.ndarray:
-    """Stack slices into an (i, j, k) array with rescale applied, in the narrowest exact dtype."""
-    slopes = np.array([float(ds.get("RescaleSlope", 1) or 1) for ds in datasets])
-    inters = np.array([float(ds.get("RescaleIntercept", 0) or 0) for ds in datasets])
-    slices = [_slice_pixels(ds, path) for ds, path in zip(datasets, files)]
-    for pixels, path in zip(slices, files):
-        if pixels.shape != shape:
-            msg = f"{path}: pixel data must be {shape}, got {pixels.shape}"
-            raise InputError(msg)
-    integral = all(p.dtype.kind in "iu" for p in slices) and bool(
-        np.all(slopes == 1) and np.all(inters == np.round(inters))
-    )
-    out_dtype = np.dtype(np.float32)
-    if integral:
-        lo = min(int(p.min()) + int(c) for p, c in zip(slices, inters))
-        hi = max(int(p.max()) + int(c) for p, c in zip(slices, inters))
-        narrowest = (np.uint8, np.int16, np.int32) if all(p.dtype == np.uint8 for p in slices) else (np.int16, np.int32)
-        for candidate in narrowest:
-            info = np.iinfo(candidate)
-            if info.min <= lo and hi <= info.max:
-                out_dtype = np.dtype(candidate)
-                break
-        else:
-            out_dtype = np.dtype(np.float64)
-    stack = np.empty((len(slices), *shape), dtype=out_dtype)
-    for k, pixels in enumerate(slices):
-        if integral:
-            if inters[k] == 0:
-                stack[k] = pixels
-            else:
-                np.add(pixels, int(inters[k]), out=stack[k], dtype=out_dtype, casting="unsafe")
-        else:
-            np.multiply(pixels, np.float32(slopes[k]), out=stack[k], casting="unsafe")
-            stack[k] += np.float32(inters[k])
-    # (k, rows=j, cols=i) -> (i, j, k) as a view: no copy.
-    return stack.transpose(2, 1, 0)
