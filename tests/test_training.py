@@ -14,7 +14,7 @@ from medseg.bundle import load_bundle
 from medseg.config.pipeline import PipelineConfig, load_pipeline
 from medseg.config.spec import load_spec
 from medseg.errors import ConfigError
-from medseg.models.registry import check_input_size, size_divisor
+from medseg.models.registry import check_input_size, check_patch, size_divisor
 from medseg.pipeline import Predictor
 from medseg.training.loop import train
 from medseg.training.planning import plan_pipeline, write_plan
@@ -73,9 +73,8 @@ def test_plan_hippocampus() -> None:
     assert cfg.preprocess.intensity[0].scheme == "zscore"
     assert "205 cases" in text
     shipped = REPO / "pipelines" / "hippocampus.yaml"
-    if shipped.is_file():
-        check_input_size(load_pipeline(shipped).train.patch_size, divisor := 8)
-        assert divisor == 8
+    shipped_cfg = load_pipeline(shipped)
+    check_patch(shipped_cfg.model.name, shipped_cfg.train.patch_size, **shipped_cfg.model.params)
 
 
 def test_anisotropic_plan_uses_finer_coarse_axis(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from medseg.bundle import build_network, save_bundle
 from medseg.config.pipeline import PipelineConfig
 from medseg.config.spec import LoadedSpec, ResolvedCase
 from medseg.errors import ConfigError
-from medseg.models.registry import check_input_size
+from medseg.models.registry import check_patch
 from medseg.tiling import sliding_window_probabilities
 from medseg.training.data import PatchLoader, load_validation
 from medseg.training.metrics import dice_per_label
@@ -212,8 +212,8 @@ def train(
         val_cases = [c for c in cases if c.id in val_ids]
     network = build_network(cfg, spec).to(device)
     divisor = int(getattr(network, "size_divisor", 1))
-    check_input_size(tcfg.patch_size, divisor)
-    check_input_size(cfg.window, divisor)
+    check_patch(cfg.model.name, tcfg.patch_size, **cfg.model.params)
+    check_patch(cfg.model.name, cfg.window, **cfg.model.params)
     fg_labels = [v for v in spec.label_values if v != 0]
 
     patches = PatchLoader(train_cases, spec, tcfg, tcfg.seed, cache_dir=out / "cache")

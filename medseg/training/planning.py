@@ -202,7 +202,7 @@ def plan_pipeline(
     raw = {
         "name": f"{data.spec.name}-{model}",
         "preprocess": {"target_spacing": [round(s, 4) for s in spacing], "intensity": intensity},
-        "model": {"name": model, "params": {"channels": channels, "num_res_units": 2}},
+        "model": {"name": model, "params": {"channels": channels, "num_res_units": 1}},
         "train": {"patch_size": list(patch), "batch_size": 2},
         "inference": {"overlap": 0.5},
     }
