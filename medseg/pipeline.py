@@ -12,7 +12,7 @@ Examples:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,11 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.bundle import Bundle, load_bundle
-from medseg.errors import InputError
+from medseg.errors import GeometryError, InputError
 from medseg.io import load_image, write_label_map
 from medseg.preprocess import build_preprocess, invert_to_source
-from medseg.tiling import sliding_window_probabilities
+from medseg.tiling import TilingSettings, choose_memory_mode, infer, plan_for
+from medseg.tiling.to_source import SourceGridLabels, SourceMapping, source_mapping
 
 
 @dataclass
@@ -108,32 +109,63 @@ class Predictor:
             raise InputError(msg)
         seconds: dict[str, float] = {}
         total: torch.Tensor | None = None
+        labels: np.ndarray | None = None
         for bundle, pre in zip(self.bundles, self._preprocess):
             t0 = time.perf_counter()
             sample = pre({"image": source})
             t1 = time.perf_counter()
-            cfg = bundle.pipeline
-            probs = sliding_window_probabilities(
-                bundle.network,
-                sample["image"],
-                cfg.window,
-                overlap=cfg.inference.overlap,
-                batch_size=cfg.inference.batch_size,
-                blend=cfg.inference.blend,
-                device=self.device,
-            )
-            t2 = time.perf_counter()
-            back = invert_to_source(probs, sample, pre, mode="bilinear").as_tensor()
-            t3 = time.perf_counter()
-            total = back if total is None else total + back
+            grid = sample["image"]
+            settings = TilingSettings.from_config(bundle.pipeline.inference, bundle.pipeline.window)
+            plan = plan_for(bundle.network, grid.shape[1:], settings)
+            mapping = None
+            streaming = len(self.bundles) == 1 and not keep_probabilities
+            if streaming and choose_memory_mode(settings, plan, self.spec.num_classes) == "bounded":
+                # large volume: stitch slab by slab, resample each slab's probabilities to the source
+                # grid and keep only labels (no whole-volume probability buffer anywhere)
+                mapping = self._source_mapping(grid, source, pre)
+            if mapping is not None:
+                sink = SourceGridLabels(mapping)
+                result = infer(
+                    bundle.network,
+                    grid,
+                    replace(settings, memory="bounded"),
+                    plan=plan,
+                    output=None,
+                    sinks=[sink],
+                    device=self.device,
+                )
+                labels = sink.result().numpy()
+                t3 = time.perf_counter()
+                t2 = t3 - result.timings["finalize"]
+            else:
+                result = infer(
+                    bundle.network, grid, replace(settings, memory="full"), plan=plan, device=self.device
+                )
+                t2 = time.perf_counter()
+                assert result.probabilities is not None
+                back = invert_to_source(result.probabilities, sample, pre, mode="bilinear").as_tensor()
+                t3 = time.perf_counter()
+                total = back if total is None else total + back
             seconds["preprocess"] = seconds.get("preprocess", 0.0) + t1 - t0
             seconds["model"] = seconds.get("model", 0.0) + t2 - t1
             seconds["to_source"] = seconds.get("to_source", 0.0) + t3 - t2
-        assert total is not None
-        probs_src = total / len(self.bundles)
-        labels = probs_src.argmax(0).numpy().astype(np.uint8 if self.spec.num_classes < 256 else np.uint16)
+        dtype = np.uint8 if self.spec.num_classes < 256 else np.uint16
+        probs_src = None
+        if labels is None:
+            assert total is not None
+            probs_src = total / len(self.bundles)
+            labels = probs_src.argmax(0).numpy()
+        labels = labels.astype(dtype, copy=False)
         affine = np.asarray(image.affine, dtype=np.float64)
         return Prediction(labels, affine, probs_src if keep_probabilities else None, seconds)
+
+    @staticmethod
+    def _source_mapping(grid: MetaTensor, source: MetaTensor, pre: Any) -> SourceMapping | None:
+        """The grid-to-source mapping for slab-wise inversion (``None``: grids not axis-aligned)."""
+        try:
+            return source_mapping(grid, source, pre)
+        except GeometryError:
+            return None
 
     def predict_path(self, path: str | Path, **load_kwargs: Any) -> Prediction:
         """Load a scan (file or DICOM series folder) and segment it."""

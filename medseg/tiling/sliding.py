@@ -1,14 +1,15 @@
-"""Sliding-window inference over a whole volume (MONAI's inferer, with sizes the network accepts)."""
+"""The earlier entry point, kept for callers that want probabilities of a whole volume."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from monai.inferers import sliding_window_inference
 from torch import nn
 
-from medseg.models.registry import check_input_size
+from medseg.tiling.engine import infer
+from medseg.tiling.settings import TilingSettings
+from medseg.tiling.weights import Blend
 
 
 def sliding_window_probabilities(
@@ -18,35 +19,27 @@ def sliding_window_probabilities(
     *,
     overlap: float = 0.25,
     batch_size: int = 4,
-    blend: str = "gaussian",
-    device: str | torch.device = "cpu",
+    blend: Blend = "gaussian",
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
-    """Class probabilities for a whole ``(C, X, Y, Z)`` volume.
+    """Class probabilities for a whole ``(C, X, Y, Z)`` volume, through :func:`~medseg.tiling.infer`.
 
     Args:
-        network: The segmentation network (logits out); its ``size_divisor`` is honoured.
+        network: The segmentation network (logits out); its size divisors are honoured (the window is
+            rounded up to a size it accepts).
         image: The preprocessed image, channel first, no batch dimension.
-        window: Window size; every entry must be divisible by the network's size divisor.
+        window: Requested window size.
         overlap: Overlap fraction between windows.
         batch_size: Windows per forward pass.
         blend: ``"gaussian"`` or ``"constant"`` weighting.
-        device: Where the network runs; the result is on the CPU.
+        device: Where the network runs (default: where its parameters are); the result is on the CPU.
 
     Returns:
         ``(K, X, Y, Z)`` softmax probabilities, float32, on the CPU, same spatial size as the image.
     """
-    check_input_size(window, int(getattr(network, "size_divisor", 1)))
-    x = torch.as_tensor(image, dtype=torch.float32)[None]
-    with torch.inference_mode():
-        logits = sliding_window_inference(
-            x,
-            roi_size=tuple(window),
-            sw_batch_size=batch_size,
-            predictor=network,
-            overlap=overlap,
-            mode=blend,
-            sw_device=device,
-            device="cpu",
-        )
-        logits = torch.as_tensor(logits)
-        return torch.softmax(logits[0].float(), dim=0)
+    settings = TilingSettings(
+        patch_size=tuple(window), overlap=overlap, batch_size=batch_size, blend=blend, memory="full"
+    )
+    result = infer(network, image, settings, output="probabilities", device=device)
+    assert result.probabilities is not None
+    return result.probabilities

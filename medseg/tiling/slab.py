@@ -1,0 +1,152 @@
+"""A finished part of the stitched volume (:class:`Slab`), the sinks that take it, and its reductions.
+
+Examples:
+    >>> import torch
+    >>> slab = Slab((slice(0, 1), slice(0, 3)), torch.tensor([[[0.0, 2, 0]], [[1.0, 0, 0]]]), lambda: 2.0)
+    >>> slab.labels().tolist(), slab.logits().tolist()
+    ([[1, 0, 0]], [[[0.0, 1.0, 0.0]], [[0.5, 0.0, 0.0]]])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+
+def label_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer dtype that holds labels ``0 .. num_classes - 1``."""
+    return torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 32768 else torch.int32
+
+
+def argmax_channels(x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Argmax over the first (channel) axis, fast for both memory layouts; ties go to the first class.
+
+    Args:
+        x: ``(K, *spatial)`` scores; channel-first or channels-last in memory.
+        dtype: Integer dtype of the result.
+
+    Returns:
+        ``(*spatial)`` labels.
+    """
+    if x.shape[0] == 1:
+        return torch.zeros(x.shape[1:], dtype=dtype, device=x.device)
+    if x.stride(0) == 1:  # channels-last: a contiguous reduction
+        return x.movedim(0, -1).argmax(-1).to(dtype)
+    labels = torch.empty(x.shape[1:], dtype=dtype, device=x.device)
+    step = max(1, _CHUNK // max(1, math.prod(x.shape[2:])))
+    for i in range(0, x.shape[1], step):  # chunks bound the (K, chunk) temporaries
+        labels[i : i + step] = _first_argmax(x[:, i : i + step])
+    return labels
+
+
+_CHUNK = 1 << 23  # voxels per chunk of the channel-first argmax
+
+
+def _first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Channel-first argmax in five vectorised passes (torch's argmax over a strided axis is slow)."""
+    k = x.shape[0]
+    if k > 255:
+        return x.argmax(0)
+    best = x.amax(0)
+    rank = torch.arange(k, 0, -1, dtype=torch.uint8, device=x.device).view(-1, *[1] * (x.ndim - 1))
+    score = torch.eq(x, best).view(torch.uint8).mul_(rank)  # k - class where the class reaches the max
+    return score.amax(0).neg_().add_(k)
+
+
+def softmax_channels_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the first axis, in place (one temporary plane-sized tensor at a time)."""
+    x.sub_(x.amax(0)).exp_()
+    return x.div_(x.sum(0))
+
+
+class Slab:
+    """A finished box of the stitched volume (padding already cropped).
+
+    Args:
+        region: The box, one slice per spatial axis, in volume coordinates.
+        sums: ``(K, *box)`` weighted sums of the window predictions (a view of the merger's buffer,
+            valid only while a sink consumes it unless ``whole``).
+        weight_sums: Returns the ``(*box)`` sums of the weights (only called when normalising).
+        whole: Whether the box is the whole volume.
+        axis: The merger's outer axis (slabs come in increasing order along it).
+    """
+
+    def __init__(
+        self,
+        region: tuple[slice, ...],
+        sums: torch.Tensor,
+        weight_sums: Callable[[], torch.Tensor | float],
+        whole: bool = False,
+        axis: int = 0,
+    ) -> None:
+        self.region, self.whole, self.axis = region, whole, axis
+        self._data = sums
+        self._weight_sums = weight_sums
+        self._state = "sums"
+        self._labels: torch.Tensor | None = None
+
+    @property
+    def start(self) -> int:
+        """First index along ``axis``."""
+        return self.region[self.axis].start
+
+    @property
+    def stop(self) -> int:
+        """One past the last index along ``axis``."""
+        return self.region[self.axis].stop
+
+    @property
+    def num_classes(self) -> int:
+        """Number of channels."""
+        return self._data.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape of the box."""
+        return tuple(self._data.shape[1:])
+
+    def labels(self) -> torch.Tensor:
+        """``(*box)`` argmax labels (the smallest integer dtype that holds them)."""
+        if self._labels is None:
+            self._labels = argmax_channels(self._data, label_dtype(self.num_classes))
+        return self._labels
+
+    def logits(self) -> torch.Tensor:
+        """``(K, *box)`` blended logits: the sums divided by the weight sums (in place, once)."""
+        if self._state == "probabilities":
+            msg = "logits must be read before probabilities, got a slab already turned into probabilities"
+            raise RuntimeError(msg)
+        if self._state == "sums":
+            self._data.div_(self._weight_sums())
+            self._state = "logits"
+        return self._data
+
+    def probabilities(self) -> torch.Tensor:
+        """``(K, *box)`` softmax of the blended logits (in place, once)."""
+        if self._state != "probabilities":
+            softmax_channels_(self.logits())
+            self._state = "probabilities"
+        return self._data
+
+
+class Sink(Protocol):
+    """Receives finished slabs from a :class:`~medseg.tiling.merge.Merger`.
+
+    Attributes:
+        needs_weights: Whether it reads normalised logits or probabilities (the merger then keeps the
+            weight sums).
+        needs_planes: Whether every slab must span the whole volume on all axes but the outer one
+            (the merger then bounds memory by whole slabs only).
+    """
+
+    needs_weights: bool
+    needs_planes: bool
+
+    def consume(self, slab: Slab) -> None:
+        """Take one finished slab (its tensors are only valid during the call)."""
+
+    def finish(self) -> None:
+        """Called once after the last slab."""
