@@ -27,7 +27,7 @@ def demo_pipeline(minutes: float) -> PipelineConfig:
         cfg = load_pipeline(PIPELINE_FILE)
     else:  # installed without the repository's pipelines/
         cfg = PipelineConfig.model_validate(
-            {"name": "demo", "model": {"name": "unet3d", "params": {"channels": [16, 32, 64, 128]}}}
+            {"name": "demo", "model": {"name": "resunet3d", "params": {"channels": [16, 32, 64, 128]}}}
         )
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_minutes": minutes})})
 

@@ -34,6 +34,8 @@ DEEPLAB = {
 # tiny hyper-parameters of every registered model (a new model must add its own here)
 TINY: dict[str, dict[str, Any]] = {
     "passthrough": {},
+    "resunet2d": {"channels": [4, 8, 16]},
+    "resunet3d": {"channels": [4, 8, 16]},
     "unet2d": UNET,
     "unet3d": UNET,
     "unet2d_slices": {**UNET, "context": 1},

@@ -6,6 +6,7 @@ Registered: ``unet2d``, ``unet3d`` (:mod:`medseg.models.unet`), ``deeplabv3plus2
 """
 
 from medseg.models import deeplab as _deeplab  # noqa: F401  (registers DeepLabV3+)
+from medseg.models import monai_unet as _monai_unet  # noqa: F401  (registers MONAI's residual U-Nets)
 from medseg.models import unet as _unet  # noqa: F401  (registers the U-Nets)
 from medseg.models.registry import (
     available_models,
