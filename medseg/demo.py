@@ -140,9 +140,9 @@ def run_demo(
     }
     for c, entry, dsum in zip(test_cases, pred_nifti.entries, pred_dicom):
         truth = load_image(c.label)[0].numpy()
-        pred = load_image(entry["outputs"][0])[0].numpy()
+        pred = load_image(out / "predictions" / "nifti" / entry["outputs"][0])[0].numpy()
         scores["model (NIfTI input)"].append(dice_per_label(pred, truth, fg))
-        dicom_pred = _canonical(Path(dsum.entries[0]["outputs"][0]))
+        dicom_pred = _canonical(out / "predictions" / "dicom" / c.id / dsum.entries[0]["outputs"][0])
         scores["model (DICOM input)"].append(dice_per_label(dicom_pred, _canonical(c.label), fg))
         scores["threshold baseline"].append(
             dice_per_label(baseline.predict(load_image(c.images[0])[0].numpy()), truth, fg)
