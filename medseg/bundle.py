@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from medseg import __version__
-from medseg.config.base import validate
+from medseg.config.base import read_json, validate
 from medseg.config.pipeline import PipelineConfig
 from medseg.config.spec import DatasetSpec
 from medseg.errors import ConfigError
@@ -129,11 +129,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     if not manifest_path.is_file() or not (folder / WEIGHTS).is_file():
         msg = f"model bundle must be a folder with {MANIFEST} and {WEIGHTS}, got {folder}"
         raise ConfigError(msg)
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        msg = f"{manifest_path}: must be valid JSON, got {exc}"
-        raise ConfigError(msg) from exc
+    manifest = read_json(manifest_path)
     if manifest.get("format") != BUNDLE_FORMAT:
         msg = f"{manifest_path}: format must be '{BUNDLE_FORMAT}', got {manifest.get('format')!r}"
         raise ConfigError(msg)

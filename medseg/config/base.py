@@ -72,6 +72,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file.
+
+    Raises:
+        ConfigError: If it is missing or not valid JSON (naming the file).
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        msg = f"JSON file must exist, got missing path {path}"
+        raise ConfigError(msg)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        msg = f"{path}: must be valid JSON, got a parse error: {exc}"
+        raise ConfigError(msg) from exc
+
+
 def validate(model: type[M], data: dict[str, Any], source: str, **context: Any) -> M:
     """Validate ``data`` into ``model``, turning pydantic errors into a :class:`ConfigError`.
 

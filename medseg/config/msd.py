@@ -11,12 +11,11 @@ Both layouts are understood:
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from medseg.config.base import validate
+from medseg.config.base import read_json, validate
 from medseg.config.spec import DatasetSpec, Modality
 from medseg.errors import ConfigError
 
@@ -86,11 +85,7 @@ def spec_from_dataset_json(path: str | Path) -> DatasetSpec:
     if not path.is_file():
         msg = f"dataset.json must exist, got missing path {path}"
         raise ConfigError(msg)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        msg = f"{path}: must be valid JSON, got a parse error: {exc}"
-        raise ConfigError(msg) from exc
+    data = read_json(path)
     root = path.parent
     name = str(data.get("name") or root.name)
     description = str(data.get("description", ""))
