@@ -16,7 +16,9 @@ implementations and the fastest round of each is kept (the machine may be shared
 torch's default threads (one per core) and, for reference, on one thread (``medseg_1thread_s``): on a
 loaded machine OpenMP threads wait on each other, which one thread avoids. The peak resident memory of
 each worker process is reported, and the part of it the refinement itself added; ``load_average``
-is the machine's 1-minute load before and after.
+is the machine's 1-minute load before and after. With ``--tune-malloc`` both workers run with glibc's
+mmap and trim thresholds raised (``worker_env``), so that large freed blocks are reused instead of being
+mapped afresh and zeroed by the kernel, which otherwise dominates at 256^3 on some machines.
 
 One JSON line is printed, with ``medseg_s``, ``pydensecrf_s`` and ``time_ratio`` at 128^3, ``scaling``
 (medseg at 256^3 over medseg at 128^3; linear cost gives about 8), ``changed_iou`` (the voxels each
@@ -40,6 +42,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,10 +172,16 @@ def worker(impl: str, case: Path, out: Path, threads: int = 0) -> None:
     out.with_suffix(".json").write_text(json.dumps(info))
 
 
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**33)}
+"""glibc settings that keep freed memory for reuse instead of mapping fresh, zeroed pages each time."""
+
+_WORKER_ENV: dict[str, str] = {}
+
+
 def _spawn(impl: str, case: Path, out: Path, threads: int = 0) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", impl, "--case", str(case), "--out", str(out)]
     cmd += ["--threads", str(threads)]
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env={**os.environ, **_WORKER_ENV})
     return json.loads(out.with_suffix(".json").read_text())
 
 
@@ -185,14 +194,15 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-def compare(n: int, workdir: Path, rounds: int, with_reference: bool = True) -> dict[str, Any]:
+def compare(n: int, workdir: Path, rounds: int, reference_rounds: int, single_thread: bool) -> dict[str, Any]:
     """Run both implementations on an ``n^3`` case and compare them.
 
     Args:
         n: Edge length.
         workdir: Scratch folder.
-        rounds: Alternating rounds (the fastest of each implementation is kept).
-        with_reference: Also run pydensecrf.
+        rounds: Rounds of medseg (the fastest is kept, the median reported too).
+        reference_rounds: Rounds of pydensecrf, alternating with medseg's (0: not run).
+        single_thread: Also run medseg on one thread each round.
 
     Returns:
         Timings, memory, agreement and Dice for this size.
@@ -200,13 +210,15 @@ def compare(n: int, workdir: Path, rounds: int, with_reference: bool = True) -> 
     case = make_case(n)
     path = workdir / f"case_{n}.npz"
     np.savez(path, **case)
-    impls = ["medseg", "pydensecrf"] if with_reference else ["medseg"]
+    impls = ["medseg", "pydensecrf"] if reference_rounds else ["medseg"]
     runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
     single: list[dict[str, Any]] = []
-    for _ in range(rounds):
-        for impl in impls:
-            runs[impl].append(_spawn(impl, path, workdir / f"{impl}_{n}"))
-        if with_reference:  # medseg on one thread too: the shared machine's load hurts threads most
+    for i in range(max(rounds, reference_rounds)):
+        if i < rounds:
+            runs["medseg"].append(_spawn("medseg", path, workdir / f"medseg_{n}"))
+        if i < reference_rounds:
+            runs["pydensecrf"].append(_spawn("pydensecrf", path, workdir / f"pydensecrf_{n}"))
+        if single_thread and i < rounds:  # the shared machine's load hurts threads most
             single.append(_spawn("medseg", path, workdir / f"medseg1_{n}", threads=1))
     truth, probs = case["truth"], case["probs"]
     unary = probs.argmax(0)
@@ -217,6 +229,7 @@ def compare(n: int, workdir: Path, rounds: int, with_reference: bool = True) -> 
         labels[impl] = marginals.argmax(0)
         best = min(runs[impl], key=lambda r: r["seconds"])
         result[f"{impl}_s"] = best["seconds"]
+        result[f"{impl}_median_s"] = statistics.median(r["seconds"] for r in runs[impl])
         result[f"{impl}_all_s"] = [round(r["seconds"], 3) for r in runs[impl]]
         result[f"{impl}_peak_mb"] = max(r["peak_mb"] for r in runs[impl])
         result[f"{impl}_work_mb"] = max(r["work_mb"] for r in runs[impl])
@@ -225,9 +238,10 @@ def compare(n: int, workdir: Path, rounds: int, with_reference: bool = True) -> 
         result[f"{impl}_marginals"] = marginals
         if impl == "medseg":
             result["medseg_threads"] = best.get("threads")
-    if with_reference:
+    if single:
         result["medseg_1thread_s"] = min(r["seconds"] for r in single)
         result["medseg_1thread_all_s"] = [round(r["seconds"], 3) for r in single]
+    if reference_rounds:
         ours, ref = labels["medseg"] != unary, labels["pydensecrf"] != unary
         union = (ours | ref).sum()
         result["changed_iou"] = float((ours & ref).sum() / union) if union else 1.0
@@ -242,8 +256,8 @@ def compare(n: int, workdir: Path, rounds: int, with_reference: bool = True) -> 
 
 def run(small: int, large: int, workdir: Path, rounds: int, reference_large: bool) -> dict[str, Any]:
     """The whole benchmark: both sizes, then the summary line."""
-    a = compare(small, workdir, rounds)
-    b = compare(large, workdir, 1, with_reference=reference_large)
+    a = compare(small, workdir, rounds, rounds, single_thread=True)
+    b = compare(large, workdir, rounds, 1 if reference_large else 0, single_thread=False)
     report: dict[str, Any] = {
         "benchmark": "dense_crf",
         "labels": N_LABELS,
@@ -256,6 +270,8 @@ def run(small: int, large: int, workdir: Path, rounds: int, reference_large: boo
         "medseg_1thread_s": a["medseg_1thread_s"],
         "time_ratio_1thread": a["medseg_1thread_s"] / a["pydensecrf_s"],
         "scaling": b["medseg_s"] / a["medseg_s"],
+        "scaling_median": b["medseg_median_s"] / a["medseg_median_s"],
+        "time_ratio_median": a["medseg_median_s"] / a["pydensecrf_median_s"],
         "changed_iou": a["changed_iou"],
         "marginal_mad": a["marginal_mad"],
         "medseg_peak_mb": a["medseg_peak_mb"],
@@ -287,9 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="48^3 and 64^3 for a smoke run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds at the small size")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds per size (pydensecrf: once at the large)"
+    )
     parser.add_argument(
         "--no-reference-large", action="store_true", help="skip pydensecrf at the large size (saves a minute)"
+    )
+    parser.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="run both workers with glibc's mmap/trim thresholds raised (freed memory reused, not re-mapped)",
     )
     parser.add_argument("--worker", choices=["medseg", "pydensecrf"], help=argparse.SUPPRESS)
     parser.add_argument("--case", type=Path, help=argparse.SUPPRESS)
@@ -302,10 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     small, large = (48, 64) if args.quick else (128, 256)
+    if args.tune_malloc:
+        _WORKER_ENV.update(MALLOC_ENV)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_crf_") as tmp:
         report = run(small, large, Path(tmp), args.rounds, not args.no_reference_large)
     report["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    report["worker_env"] = dict(_WORKER_ENV)
     print(json.dumps(report))
     return 0 if all(report["targets_met"].values()) else 1
 

@@ -22,6 +22,13 @@ predicted foreground (grown by a margin) is refined, and a box larger than ``max
 into slabs along one axis, each refined with a halo of at least three kernel widths and only its core
 kept.
 
+Performance notes (CPU): the work is many short whole-array operations, so on a shared machine whose
+cores are taken, OpenMP threads that spin-wait for a descheduled partner can make it ten times slower;
+``DenseCRFConfig.threads = 0`` therefore refines on one thread when the load average says the cores
+are busy (and for small blocks). Large volumes allocate several GB of working memory; glibc maps and
+zeroes large blocks afresh on every allocation unless its thresholds are raised
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), which the application may set.
+
 Examples:
     >>> probs = torch.tensor([[0.9, 0.6, 0.2, 0.1], [0.1, 0.4, 0.8, 0.9]])[:, :, None].expand(2, 4, 3)
     >>> image = torch.tensor([0.0, 0.0, 1.0, 1.0])[None, :, None].expand(1, 4, 3)

@@ -131,13 +131,13 @@ class PermutohedralLattice:
         # "piece" is a simplex's run of points in one block, contiguous in ``order``.
         order = torch.empty(n, dtype=torch.int64, device=device)
         new = torch.ones(n, dtype=torch.bool, device=device)
-        unsorted, keys = keys, torch.empty_like(keys)
         for a in range(0, n, block):
             b = min(n, a + block)
-            torch.sort(unsorted[a:b], stable=True, out=(keys[a:b], order[a:b]))
+            sorted_keys, _ = torch.sort(keys[a:b], stable=True, out=(torch.empty_like(keys[a:b]), order[a:b]))
+            keys[a:b] = sorted_keys  # a block-sized temporary, reused by the allocator
             order[a:b].add_(a)
             torch.ne(keys[a + 1 : b], keys[a : b - 1], out=new[a + 1 : b])
-        del unsorted
+        del sorted_keys
         starts = new.nonzero().squeeze(1)
         n_pieces = int(starts.numel())
         counts = torch.diff(starts, append=torch.tensor([n], device=device))
