@@ -140,6 +140,15 @@ def _run_pydensecrf(probs: np.ndarray, image: np.ndarray) -> np.ndarray:
     return np.asarray(crf.inference(ITERATIONS), dtype=np.float32).reshape(probs.shape)
 
 
+def _crf_threads(probs: np.ndarray) -> int:
+    """The CPU threads the CRF will use: its automatic choice (one on a loaded machine) or torch's."""
+    import torch
+
+    from medseg.refine.blocks import threads_for
+
+    return threads_for(probs[0].size, 0, torch.device("cpu")) or torch.get_num_threads()
+
+
 def worker(impl: str, case: Path, out: Path, threads: int = 0) -> None:
     """Refine one case with one implementation and write the marginals and measurements.
 
@@ -158,16 +167,14 @@ def worker(impl: str, case: Path, out: Path, threads: int = 0) -> None:
     run(warm["probs"], warm["image"])
     data = np.load(case)
     probs, image = data["probs"], data["image"]
+    threads = _crf_threads(probs) if impl == "medseg" else 1
     before = _rss_mb()
     t0 = time.perf_counter()
     marginals = run(probs, image)
     seconds = time.perf_counter() - t0
     peak = _peak_mb()
     info: dict[str, Any] = {"seconds": seconds, "peak_mb": peak, "work_mb": max(0.0, peak - before)}
-    if impl == "medseg":
-        import torch
-
-        info["threads"] = torch.get_num_threads()
+    info["threads"] = threads
     np.save(out.with_suffix(".npy"), marginals)
     out.with_suffix(".json").write_text(json.dumps(info))
 
@@ -280,7 +287,7 @@ def run(small: int, large: int, workdir: Path, rounds: int, reference_large: boo
         "dice_medseg": a["dice_medseg"],
         "dice_pydensecrf": a["dice_pydensecrf"],
         "cpu_count": os.cpu_count(),
-        "torch_threads": a.get("medseg_threads"),
+        "medseg_threads": a.get("medseg_threads"),
         f"n{small}": a,
         f"n{large}": b,
     }
