@@ -7,7 +7,8 @@ after the other:
 
 * ``forward``: the network alone over the windows of medseg's plan (the extraction of windows and
   everything else left out), after trying batch sizes and memory formats on a few windows (MONAI's
-  batch of 4, contiguous, is kept unless another is at least 5% faster); also the FLOPs of one
+  batch of 4 is kept unless another is at least 5% faster, contiguous unless channels-last is at
+  least 5% faster); also the FLOPs of one
   window (``torch.utils.flop_counter``) and a float32 matrix multiply's GFLOP/s, for
   ``net_efficiency``;
 * ``monai``: volume tensor to label map with ``sliding_window_inference(sw_batch_size=4,
@@ -26,8 +27,10 @@ volume are there before and count on neither side.
 
 Printed: one JSON line with ``forward_s``, ``medseg_s``, ``monai_s``, ``time_ratio``,
 ``non_forward_ratio`` (``(medseg_s - its forward) / (monai_s - its forward)``), ``stitch_overhead``
-(medseg's non-forward time over its forward time), ``max_abs_diff``, ``label_agreement``, the peaks,
-``mem_ratio`` and ``net_efficiency``, plus the details.
+(medseg's non-forward time over its forward time; with ``--repeats`` the medians of each, the
+sides taking turns), ``time_ratio_at_equal_forward`` (the ratio had both forwards taken MONAI's
+time: the network is the same, so on a busy machine their difference is noise), ``max_abs_diff``,
+``label_agreement``, the peaks, ``mem_ratio`` and ``net_efficiency``, plus the details.
 
 Examples:
     Full size (several minutes, about 11 GB peak in the compare process)::
@@ -158,10 +161,14 @@ def role_forward(args: argparse.Namespace) -> dict[str, Any]:
                 net(x)
                 times.append((time.perf_counter() - t0) / batch)
             variants[f"{fmt}-b{batch}"] = (statistics.median(times), batch, fmt)
-        # keep MONAI's setting unless another is clearly faster (timings on a shared machine are noisy)
+        # keep MONAI's setting unless another is clearly faster (timings on a shared machine are
+        # noisy); channels-last only if clearly faster than contiguous at that batch size, as its
+        # stitching costs more (the argmax reduces over the short innermost axis)
         default = variants[f"contiguous-b{MONAI_BATCH}"]
-        best = min(variants.values())
-        _, batch, fmt = best if best[0] < TUNE_MARGIN * default[0] else default
+        best = min(v for v in variants.values() if v[2] == "contiguous")
+        best = best if best[0] < TUNE_MARGIN * default[0] else default
+        cl = variants.get(f"channels_last-b{best[1]}")
+        _, batch, fmt = cl if cl is not None and cl[0] < TUNE_MARGIN * best[0] else best
         forward = 0.0
         for i in range(0, len(locs), batch):
             x = window_batch(min(batch, len(locs) - i), i, fmt == "channels_last")
@@ -359,8 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     def med(role: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[role])
 
+    for r in runs["medseg"]:
+        r["non_forward_s"] = r["medseg_s"] - r["medseg_forward_s"]
+    for r in runs["monai"]:
+        r["non_forward_s"] = r["monai_s"] - r["monai_forward_s"]
     medseg_s, monai_s = med("medseg", "medseg_s"), med("monai", "monai_s")
     ours_fwd, theirs_fwd = med("medseg", "medseg_forward_s"), med("monai", "monai_forward_s")
+    ours_rest, theirs_rest = med("medseg", "non_forward_s"), med("monai", "non_forward_s")
     out = {
         "shape": list(args.shape),
         "classes": args.classes,
@@ -372,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         "medseg_s": round(medseg_s, 3),
         "monai_s": round(monai_s, 3),
         "time_ratio": round(medseg_s / monai_s, 4),
-        "non_forward_ratio": round((medseg_s - ours_fwd) / (monai_s - theirs_fwd), 4),
-        "stitch_overhead": round((medseg_s - ours_fwd) / ours_fwd, 4),
+        "non_forward_ratio": round(ours_rest / theirs_rest, 4),
+        "stitch_overhead": round(ours_rest / ours_fwd, 4),
         "max_abs_diff": cmp.get("max_abs_diff"),
         "label_agreement": cmp.get("label_agreement"),
         "medseg_peak_mb": round(med("medseg", "medseg_peak_mb"), 1),
@@ -382,8 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         "net_efficiency": round(fwd["net_gflops"] / fwd["matmul_gflops"], 4),
         "medseg_forward_s": round(ours_fwd, 3),
         "monai_forward_s": round(theirs_fwd, 3),
-        "medseg_non_forward_s": round(medseg_s - ours_fwd, 3),
-        "monai_non_forward_s": round(monai_s - theirs_fwd, 3),
+        "medseg_non_forward_s": round(ours_rest, 3),
+        "monai_non_forward_s": round(theirs_rest, 3),
+        # the same network on both sides: what time_ratio is when both forwards take the same time
+        "time_ratio_at_equal_forward": round((theirs_fwd + ours_rest) / (theirs_fwd + theirs_rest), 4),
+        "medseg_runs_s": [[round(r["medseg_s"], 2), round(r["medseg_forward_s"], 2)] for r in runs["medseg"]],
+        "monai_runs_s": [[round(r["monai_s"], 2), round(r["monai_forward_s"], 2)] for r in runs["monai"]],
         "medseg_timings": runs["medseg"][-1]["medseg_timings"],
         "medseg_mode": runs["medseg"][-1]["medseg_mode"],
         "medseg_buffer_mb": round(runs["medseg"][-1]["medseg_buffer_mb"], 1),

@@ -359,6 +359,20 @@ def test_channels_last_and_batching_give_the_same_answer() -> None:
     assert torch.equal(labels.long(), ref.argmax(0))
 
 
+def test_stitch_threads_change_nothing_but_speed() -> None:
+    net = _conv(3, classes=4)
+    image = torch.randn(2, 30, 20, 25)
+    before = torch.get_num_threads()
+    results = [
+        infer(net, image, TilingSettings((16,) * 3, memory="bounded", stitch_threads=n), output="labels")
+        for n in (0, 1, 2)
+    ]
+    assert torch.get_num_threads() == before
+    assert all(torch.equal(r.labels, results[0].labels) for r in results)
+    with pytest.raises(ValueError, match="stitch_threads must be >= 0"):
+        TilingSettings((8, 8, 8), stitch_threads=-1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_network_on_the_gpu_stitching_on_the_cpu() -> None:
     net = _conv(3)

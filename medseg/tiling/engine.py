@@ -21,8 +21,8 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -172,15 +172,50 @@ class _Runner:
 
 @contextlib.contextmanager
 def _threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` intra-op threads (``0``: unchanged)."""
+    """Run the block with ``n`` intra-op threads."""
     before = torch.get_num_threads()
-    if n:
+    if n != before:
         torch.set_num_threads(n)
     try:
         yield
     finally:
-        if n:
+        if n != before:
             torch.set_num_threads(before)
+
+
+class _StitchThreads:
+    """Intra-op threads for the stitching: fixed, or the faster of 1 and torch's number by a probe.
+
+    The probe is an operation shaped like the stitching (a weighted add into a strided box of a
+    larger buffer, about 1.4 million values); it is timed twice with each thread count, again
+    every ``every`` batches, as a shared machine's load changes during a run.
+    """
+
+    def __init__(self, setting: int, device: torch.device, every: int = 12) -> None:
+        self.options = [setting] if setting > 0 else sorted({1, torch.get_num_threads()})
+        self.every, self.device = every, device
+        self.choice = self.options[0]
+        self._calls = 0
+        self._probe: tuple[torch.Tensor, ...] | None = None
+
+    def __call__(self) -> contextlib.AbstractContextManager[None]:
+        if len(self.options) > 1 and self.device.type == "cpu" and self._calls % self.every == 0:
+            self.choice = min(self.options, key=self._time)
+        self._calls += 1
+        return _threads(self.choice)
+
+    def _time(self, n: int) -> float:
+        if self._probe is None:
+            buf = torch.zeros(14, 32, 48, 128)
+            self._probe = (buf[:, :, 8:40, 16:112], torch.rand(14, 32, 32, 96), torch.rand(32, 32, 96))
+        target, src, w = self._probe
+        best = math.inf
+        with _threads(n):
+            for _ in range(2):
+                t0 = time.perf_counter()
+                target.addcmul_(src, w)
+                best = min(best, time.perf_counter() - t0)
+        return best
 
 
 def _channels_last(ndim: int) -> torch.memory_format:
@@ -252,7 +287,7 @@ def infer(
     merger: Merger | None = None
     mode = "full"
     outer = plan.stream_axis()
-    stitching = functools.partial(_threads, settings.stitch_threads)
+    stitching = _StitchThreads(settings.stitch_threads, stitch)
     with torch.inference_mode():
         for locations in _batches(plan.locations(outer), settings.batch_size):
             t0 = time.perf_counter()

@@ -22,7 +22,7 @@ def label_dtype(num_classes: int) -> torch.dtype:
 
 
 def argmax_channels(x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """Argmax over the first (channel) axis, fast for both memory layouts; ties go to the first class.
+    """Argmax over the first (channel) axis, fast in both memory layouts; ties go to the first class.
 
     Args:
         x: ``(K, *spatial)`` scores; channel-first or channels-last in memory.
