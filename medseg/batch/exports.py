@@ -1,6 +1,6 @@
 """Per-scan exports, by name. Each writes files into the case's (temporary) output folder.
 
-An exporter is called as ``fn(case_dir, image=..., prediction=..., job=...)`` and returns the paths
+An exporter is called as ``fn(case_dir, image=..., prediction=..., job=..., predictor=...)`` and returns the paths
 it wrote. The job owns atomicity and the manifest entry; exporters only write files.
 """
 

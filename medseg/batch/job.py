@@ -132,8 +132,9 @@ def run_job(
         predictor: A loaded :class:`~medseg.pipeline.Predictor`.
         out_root: The batch's output folder.
         image: The scan already loaded (by a prefetching thread), or ``None`` to load it here.
-        exporters: Export functions by name, called as ``fn(case_dir, image=, prediction=, job=)``
-            and returning the files they wrote (inside ``case_dir``).
+        exporters: Export functions by name, called as
+            ``fn(case_dir, image=, prediction=, job=, predictor=)`` and returning the files they wrote
+            (inside ``case_dir``).
 
     Returns:
         The :class:`JobResult`: status ``ok`` or ``failed`` with a one-sentence error.
@@ -171,7 +172,9 @@ def run_job(
             if exporters is None or name not in exporters:
                 msg = f"export must be one of {sorted(exporters or {})}, got '{name}'"
                 raise ValueError(msg)
-            written += exporters[name](tmp, image=image, prediction=prediction, job=job)
+            written += exporters[name](
+                tmp, image=image, prediction=prediction, job=job, predictor=predictor
+            )
         result.seconds["write"] = time.perf_counter() - t1
         result.status = "ok"
         result.outputs = [str(Path(case_id) / p.relative_to(tmp)) for p in written]
