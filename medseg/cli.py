@@ -115,8 +115,18 @@ def train(
     register: Annotated[
         str | None, typer.Option(help="Register the bundle in the MLflow Model Registry.")
     ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            help="Data-parallel processes (torch.distributed: gloo on the CPU, one GPU each with cuda)."
+        ),
+    ] = 1,
 ) -> None:
-    """Train a model on a data spec; logs the run to MLflow and writes a model bundle."""
+    """Train a model on a data spec; logs the run to MLflow and writes a model bundle.
+
+    With --nproc N, N processes train one model on shards of the cases (DistributedDataParallel);
+    rank 0 validates, writes the bundle and logs the one MLflow run.
+    """
     import torch
 
     from medseg.config.pipeline import load_pipeline
@@ -139,7 +149,24 @@ def train(
         typer.echo(f"epoch {epoch}/{total}: {shown}")
 
     try:
-        result = run_training(cfg, loaded, out, fold=fold, resume=resume, device=device, progress=progress)
+        if nproc != 1:
+            from medseg.training.distributed import train_distributed
+
+            result = train_distributed(
+                cfg,
+                loaded,
+                out,
+                nproc=nproc,
+                fold=fold,
+                resume=resume,
+                device=device,
+                progress=progress,
+                threads=threads,
+            )
+        else:
+            result = run_training(
+                cfg, loaded, out, fold=fold, resume=resume, device=device, progress=progress
+            )
     except MedsegError as exc:
         _fail(str(exc))
     typer.echo(
@@ -175,6 +202,28 @@ def predict(
     export: Annotated[str, typer.Option(help="Extra exports, comma-separated (e.g. volumes).")] = "",
     overwrite: Annotated[bool, typer.Option(help="Allow an output folder made with another model.")] = False,
     resume: Annotated[bool, typer.Option(help="Skip finished scans (always on: re-running resumes).")] = True,
+    engine: Annotated[
+        str, typer.Option(help="Where scans run: local (this process) or ray (a pool of Ray workers).")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="With --engine ray: the Ray cluster to join (e.g. auto); default: a local one."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="With --engine ray: workers (default: one per free CPU, or per GPU with cuda)."),
+    ] = None,
+    crf: Annotated[
+        bool | None,
+        typer.Option("--crf/--no-crf", help="Refine with the dense CRF (default: as the pipeline says)."),
+    ] = None,
+    postprocess: Annotated[
+        bool | None,
+        typer.Option(
+            "--postprocess/--no-postprocess",
+            help="Apply the post-processing chosen at training (default: on).",
+        ),
+    ] = None,
 ) -> None:
     """Segment scans; write each label map on its scan's own voxel grid, with a manifest.
 
@@ -183,6 +232,7 @@ def predict(
     import torch
 
     from medseg.batch.discover import ScanFilter
+    from medseg.batch.ray_engine import RaySettings
     from medseg.batch.runner import run_prediction
     from medseg.errors import MedsegError
 
@@ -191,6 +241,12 @@ def predict(
     if not source.exists():
         _fail(f"input must exist, got missing {source}")
     scan_filter = ScanFilter(tuple(modality or ()), series_description, min_slices)
+    if engine != "ray" and (address or workers):
+        _fail(f"--address and --workers need --engine ray, got --engine {engine}")
+    try:
+        ray_settings = RaySettings(address=address, workers=workers, cpus_per_worker=threads or 1)
+    except ValueError as exc:
+        _fail(f"--{str(exc).replace('cpus_per_worker', 'threads')}")
     try:
         summary = run_prediction(
             source,
@@ -202,6 +258,10 @@ def predict(
             keep_probabilities=probabilities,
             exports=[e for e in export.split(",") if e],
             overwrite=overwrite,
+            engine=engine,
+            ray_settings=ray_settings,
+            crf=crf,
+            postprocess=postprocess,
         )
     except MedsegError as exc:
         _fail(str(exc))

@@ -1,6 +1,10 @@
-"""The prediction pipeline, step by step: load → preprocess → tile/model/stitch → back to source → write.
+"""The prediction pipeline, step by step: load → preprocess → tile/model/stitch → back to source →
+refine → write.
 
-(Refinement and clinician exports slot in between stitching and writing in later stages.)
+Refinement follows the bundle's ``refine:`` settings (or an override): the dense CRF on the
+probabilities on the source grid (in the memory-bounded mode for large volumes, on the preprocessed
+grid from memory-mapped probabilities, its labels then taken back to the source grid), then the
+post-processing chosen at training, on the source grid. Clinician exports follow in the batch runner.
 
 Examples:
     >>> from medseg.pipeline import Predictor  # doctest: +SKIP
@@ -11,6 +15,7 @@ Examples:
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,8 +28,11 @@ from monai.data import MetaTensor
 from medseg.bundle import Bundle, load_bundle
 from medseg.errors import GeometryError, InputError
 from medseg.io import load_image, write_label_map
-from medseg.preprocess import build_preprocess, invert_to_source
+from medseg.preprocess import build_preprocess, invert_to_source, spacing_from_affine
+from medseg.preprocess.intensity import NormalizeChannelsd
+from medseg.refine import PostprocessConfig, RefineConfig, RefineReport, postprocess_with_report, refine
 from medseg.tiling import TilingSettings, choose_memory_mode, infer, plan_for
+from medseg.tiling.sinks import ProbabilityWriter
 from medseg.tiling.to_source import SourceGridLabels, SourceMapping, source_mapping
 
 
@@ -35,14 +43,44 @@ class Prediction:
     Attributes:
         labels: ``(X, Y, Z)`` label map (uint8/int) on the source grid.
         affine: The source grid's RAS+ affine (as loaded from disk).
-        probabilities: ``(K, X, Y, Z)`` class probabilities on the source grid, if kept.
+        probabilities: ``(K, X, Y, Z)`` class probabilities on the source grid, if kept (before
+            refinement).
         seconds: Wall time per step.
+        refine: What refinement changed (:class:`~medseg.refine.RefineReport`), or ``None`` if
+            neither the CRF nor post-processing ran.
+        quality: Facts for review: ``foreground_entropy``, the mean softmax entropy (in nats) over
+            the voxels predicted as foreground, where the probabilities were at hand.
     """
 
     labels: np.ndarray
     affine: np.ndarray
     probabilities: torch.Tensor | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    refine: Any = None
+    quality: dict[str, float] = field(default_factory=dict)
+
+
+def foreground_entropy(probs: torch.Tensor, labels: np.ndarray, chunk: int = 1 << 20) -> float | None:
+    """Mean softmax entropy (nats) over the voxels labelled foreground; ``None`` if there are none.
+
+    Args:
+        probs: ``(K, *spatial)`` probabilities.
+        labels: The ``(*spatial)`` label map.
+        chunk: Voxels per step (bounds the temporary memory).
+    """
+    mask = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1) != 0)
+    n = int(mask.sum())
+    if n == 0:
+        return None
+    flat = probs.reshape(probs.shape[0], -1)
+    total = 0.0
+    for start in range(0, flat.shape[1], chunk):
+        m = mask[start : start + chunk]
+        if not bool(m.any()):
+            continue
+        p = flat[:, start : start + chunk][:, m].float().clamp_min(1e-12)
+        total += float(-(p * p.log()).sum())
+    return total / n
 
 
 class Predictor:
@@ -51,9 +89,16 @@ class Predictor:
     Args:
         bundles: The loaded bundle(s); all must share labels and channels.
         device: Where the network runs.
+        refine: Refinement settings replacing the first bundle's ``refine:`` section (whose
+            post-processing was chosen at training).
     """
 
-    def __init__(self, bundles: Bundle | list[Bundle], device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        bundles: Bundle | list[Bundle],
+        device: str | torch.device = "cpu",
+        refine: RefineConfig | None = None,
+    ) -> None:
         self.bundles = bundles if isinstance(bundles, list) else [bundles]
         if not self.bundles:
             msg = "Predictor needs at least one bundle, got none"
@@ -66,17 +111,20 @@ class Predictor:
                 )
                 raise InputError(msg)
         self.device = torch.device(device)
+        self.refine = refine if refine is not None else self.bundles[0].pipeline.refine
         self._preprocess = [build_preprocess(b.spec, keys=("image",), label_key=None) for b in self.bundles]
         for b in self.bundles:
             b.network.to(self.device).eval()
 
     @classmethod
-    def from_path(cls, *paths: str | Path, device: str | torch.device = "cpu") -> Predictor:
+    def from_path(
+        cls, *paths: str | Path, device: str | torch.device = "cpu", refine: RefineConfig | None = None
+    ) -> Predictor:
         """Load bundles (folders, or MLflow ``runs:/``/``models:/`` URIs) and build a predictor."""
         from medseg.tracking.models import is_mlflow_uri, resolve_bundle_uri
 
         local = [resolve_bundle_uri(str(p)) if is_mlflow_uri(str(p)) else Path(p) for p in paths]
-        return cls([load_bundle(p, device=device) for p in local], device=device)
+        return cls([load_bundle(p, device=device) for p in local], device=device, refine=refine)
 
     @property
     def spec(self):
@@ -110,6 +158,8 @@ class Predictor:
         seconds: dict[str, float] = {}
         total: torch.Tensor | None = None
         labels: np.ndarray | None = None
+        crf_report = None
+        crf_on = self.refine.crf.enabled
         for bundle, pre in zip(self.bundles, self._preprocess):
             t0 = time.perf_counter()
             sample = pre({"image": source})
@@ -119,7 +169,14 @@ class Predictor:
             plan = plan_for(bundle.network, grid.shape[1:], settings)
             mapping = None
             streaming = len(self.bundles) == 1 and not keep_probabilities
-            if streaming and choose_memory_mode(settings, plan, self.spec.num_classes) == "bounded":
+            bounded = streaming and choose_memory_mode(settings, plan, self.spec.num_classes) == "bounded"
+            if bounded and crf_on:
+                # large volume with the CRF: probabilities memory-mapped on disk, refined block by
+                # block on the preprocessed grid, labels taken back to the source grid
+                labels, crf_report, t2 = self._refine_on_grid(bundle, sample, pre, settings, plan)
+                t3 = time.perf_counter()
+                seconds["refine"] = crf_report.crf_seconds
+            elif bounded:
                 # large volume: stitch slab by slab, resample each slab's probabilities to the source
                 # grid and keep only labels (no whole-volume probability buffer anywhere)
                 mapping = self._source_mapping(grid, source, pre)
@@ -137,7 +194,7 @@ class Predictor:
                 labels = sink.result().numpy()
                 t3 = time.perf_counter()
                 t2 = t3 - result.timings["finalize"]
-            else:
+            elif labels is None:
                 result = infer(
                     bundle.network, grid, replace(settings, memory="full"), plan=plan, device=self.device
                 )
@@ -148,16 +205,81 @@ class Predictor:
                 total = back if total is None else total + back
             seconds["preprocess"] = seconds.get("preprocess", 0.0) + t1 - t0
             seconds["model"] = seconds.get("model", 0.0) + t2 - t1
-            seconds["to_source"] = seconds.get("to_source", 0.0) + t3 - t2
+            seconds["to_source"] = seconds.get("to_source", 0.0) + t3 - t2 - seconds.get("refine", 0.0)
         dtype = np.uint8 if self.spec.num_classes < 256 else np.uint16
+        affine = np.asarray(image.affine, dtype=np.float64)
+        spacing = spacing_from_affine(affine)
+        post = self.refine.postprocess
+        post_on = post.enabled and bool(post.labels)
         probs_src = None
+        quality: dict[str, float] = {}
+        report = crf_report
         if labels is None:
             assert total is not None
             probs_src = total / len(self.bundles)
             labels = probs_src.argmax(0).numpy()
+            entropy = foreground_entropy(probs_src, labels)
+            if entropy is not None:
+                quality["foreground_entropy"] = entropy
+            if crf_on:
+                t0 = time.perf_counter()
+                labels, report = refine(probs_src, self._normalized(source), spacing, self.refine.crf, post)
+                seconds["refine"] = time.perf_counter() - t0
+                post_on = False
+        if post_on:
+            t0 = time.perf_counter()
+            labels, report = postprocess_with_report(labels, post, spacing, crf_report)
+            seconds["postprocess"] = time.perf_counter() - t0
         labels = labels.astype(dtype, copy=False)
-        affine = np.asarray(image.affine, dtype=np.float64)
-        return Prediction(labels, affine, probs_src if keep_probabilities else None, seconds)
+        return Prediction(
+            labels,
+            affine,
+            probs_src if keep_probabilities else None,
+            seconds,
+            refine=report,
+            quality=quality,
+        )
+
+    def _normalized(self, source: MetaTensor) -> torch.Tensor:
+        """The source image normalised as the (first) bundle's preprocessing does (for the CRF)."""
+        norm = next(t for t in self._preprocess[0].transforms if isinstance(t, NormalizeChannelsd))
+        out = norm.normalize(source.as_tensor())
+        return out.as_tensor() if isinstance(out, MetaTensor) else out
+
+    def _refine_on_grid(
+        self, bundle: Bundle, sample: dict[str, Any], pre: Any, settings: TilingSettings, plan: Any
+    ) -> tuple[np.ndarray, RefineReport, float]:
+        """Bounded mode with the CRF: probabilities to a memory-mapped file, CRF, labels to source.
+
+        Returns:
+            The labels on the source grid, the CRF's report (on the preprocessed grid) and the time
+            at which the network had finished.
+        """
+        grid = sample["image"]
+        with tempfile.TemporaryDirectory(prefix="medseg-probabilities-") as tmp:
+            writer = ProbabilityWriter(Path(tmp) / "probabilities.npy", grid.shape[1:])
+            infer(
+                bundle.network,
+                grid,
+                replace(settings, memory="bounded"),
+                plan=plan,
+                output=None,
+                sinks=[writer],
+                device=self.device,
+            )
+            t_model = time.perf_counter()
+            probs = np.load(writer.path, mmap_mode="r")
+            on_grid, report = refine(
+                probs,
+                grid.as_tensor(),
+                spacing_from_affine(np.asarray(grid.affine)),
+                self.refine.crf,
+                PostprocessConfig(enabled=False),
+            )
+            del probs
+        labels = torch.from_numpy(on_grid.astype(np.int32))[None]
+        back = invert_to_source(labels, sample, pre, mode="nearest")
+        return back.as_tensor()[0].numpy(), report, t_model
 
     @staticmethod
     def _source_mapping(grid: MetaTensor, source: MetaTensor, pre: Any) -> SourceMapping | None:

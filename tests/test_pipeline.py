@@ -183,6 +183,14 @@ def test_tiny_train_predict_and_mlflow(tmp_path: Path, monkeypatch: pytest.Monke
     assert "val_dice_mean" in train_run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert "bundle" in artifacts
+    # post-processing chosen on the validation case, stored with the model and logged
+    assert "postprocess.json" in artifacts
+    assert "val_dice_mean_refined" in train_run.data.metrics
+    stored = load_bundle(result.bundle)
+    assert stored.info["postprocess_chosen_on"] == 1
+    assert stored.info["val_dice_mean"] == pytest.approx(result.best_dice)
+    assert stored.pipeline.refine.postprocess.choose
+    assert train_run.data.params["pipeline.refine.crf.enabled"] == "False"
     pred_run = client.get_run(summary.run_id)
     assert pred_run.data.metrics["scans_ok"] == 4
     assert pred_run.info.status == "FINISHED"

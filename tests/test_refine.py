@@ -636,3 +636,17 @@ def test_refine_with_everything_off_is_the_argmax() -> None:
     assert report.post_changed_fraction == 0.0
     assert report.crf_roi is None
     assert report.crf_blocks == 0
+
+
+def test_crf_reads_probabilities_in_any_memory_layout() -> None:
+    """A permuted (channels-last) tensor must give the same marginals as a row-major one."""
+    rng = np.random.default_rng(3)
+    labels = torch.from_numpy(rng.integers(0, 3, (12, 10, 6)))
+    channels_last = torch.nn.functional.one_hot(labels, 3).float().mul(0.9).add(0.1 / 3)
+    probs = channels_last.permute(3, 0, 1, 2)
+    assert not probs.is_contiguous()
+    image = torch.from_numpy(rng.normal(size=(1, 12, 10, 6)).astype(np.float32))
+    cfg = DenseCRFConfig(iterations=2, roi_margin_mm=None)
+    a = dense_crf(probs, image, (1.0, 1.0, 2.0), cfg)
+    b = dense_crf(probs.contiguous(), image, (1.0, 1.0, 2.0), cfg)
+    assert torch.allclose(a, b, atol=1e-6)

@@ -172,9 +172,7 @@ def run_job(
             if exporters is None or name not in exporters:
                 msg = f"export must be one of {sorted(exporters or {})}, got '{name}'"
                 raise ValueError(msg)
-            written += exporters[name](
-                tmp, image=image, prediction=prediction, job=job, predictor=predictor
-            )
+            written += exporters[name](tmp, image=image, prediction=prediction, job=job, predictor=predictor)
         result.seconds["write"] = time.perf_counter() - t1
         result.status = "ok"
         result.outputs = [str(Path(case_id) / p.relative_to(tmp)) for p in written]
@@ -183,6 +181,11 @@ def run_job(
             "shape": list(prediction.labels.shape),
             "voxels_per_label": {int(v): int(n) for v, n in enumerate(counts) if n},
         }
+        refined = getattr(prediction, "refine", None)
+        if refined is not None:
+            result.details["refine"] = refined.as_dict()
+        if getattr(prediction, "quality", None):
+            result.details["quality"] = dict(prediction.quality)
         result.seconds["total"] = time.perf_counter() - t0
         (tmp / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
         if final.exists():

@@ -15,7 +15,17 @@ from medseg.io.atomic import atomic_write_text
 
 MANIFEST_JSON = "manifest.json"
 MANIFEST_CSV = "manifest.csv"
-CSV_FIELDS = ("case_id", "status", "inputs", "fingerprint", "error", "outputs", "seconds_total")
+CSV_FIELDS = (
+    "case_id",
+    "status",
+    "inputs",
+    "fingerprint",
+    "error",
+    "outputs",
+    "seconds_total",
+    "changed_fraction",
+    "foreground_entropy",
+)
 
 
 @dataclass
@@ -70,11 +80,17 @@ class Manifest:
                     "error": e.get("error") or "",
                     "outputs": ";".join(e.get("outputs", [])),
                     "seconds_total": f"{e.get('seconds', {}).get('total', 0.0):.2f}",
+                    "changed_fraction": _number(e.get("refine", {}).get("changed_fraction")),
+                    "foreground_entropy": _number(e.get("quality", {}).get("foreground_entropy")),
                 }
             )
         for s in self.skipped:
             writer.writerow({"case_id": "", "status": "skipped", "inputs": s["path"], "error": s["reason"]})
         atomic_write_text(out / MANIFEST_CSV, buf.getvalue())
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
 
 
 def check_existing(out: Path, model_sha256: str, overwrite: bool) -> None:

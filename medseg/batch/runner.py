@@ -1,28 +1,63 @@
 """Run a model over every scan of a file or folder: resumable, failure-isolating, one MLflow run.
 
-The runner discovers scans, skips those already done (same input fingerprint, same model), loads the
-next scan in a background thread while the current one is segmented, writes the manifest after
-every scan, and records the batch in MLflow (case ids, fingerprints and timings only: no paths,
-no patient data).
+The runner discovers scans, skips those already done (same input fingerprint, same model), runs the
+others on an engine, writes the manifest after every scan, and records the batch in MLflow (case ids,
+fingerprints and timings only: no paths, no patient data). Engines: ``local`` runs the jobs one after
+another in this process, loading the next scan in a background thread while the current one is
+segmented; ``ray`` runs them on a pool of Ray actors (:mod:`medseg.batch.ray_engine`). Both run the
+same jobs, so manifests and outputs are the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medseg.batch.discover import Scan, ScanFilter, discover
 from medseg.batch.job import TMP_PREFIX, JobResult, ScanJob, completed, input_fingerprint, run_job
 from medseg.batch.manifest import Manifest, check_existing
-from medseg.errors import InputError
+from medseg.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from medseg.batch.ray_engine import RaySettings
 
 LABEL_FILE = "labels.nii.gz"
+
+
+class Engine(str, Enum):
+    """Where a batch's jobs run."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+    @classmethod
+    def parse(cls, engine: Engine | str) -> Engine:
+        """Accept an engine or its name.
+
+        Raises:
+            ConfigError: For an unknown name, suggesting the nearest and listing the choices.
+
+        Examples:
+            >>> Engine.parse("ray")
+            <Engine.RAY: 'ray'>
+        """
+        try:
+            return cls(engine)
+        except ValueError:
+            choices = [e.value for e in cls]
+            near = difflib.get_close_matches(str(engine), choices, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            msg = f"unknown engine '{engine}'{hint} choices: {', '.join(choices)}"
+            raise ConfigError(msg) from None
 
 
 @dataclass
@@ -38,6 +73,9 @@ class BatchSummary:
         run_id: The MLflow run id.
         seconds: Wall time of the run.
         model_seconds: Sum of the network time over the scans segmented in this run.
+        engine: The engine that ran the jobs.
+        workers: Jobs that ran at once (the Ray actor pool's size; 1 for the local engine).
+        retried: Jobs run again because their Ray worker died.
     """
 
     ok: int = 0
@@ -48,6 +86,9 @@ class BatchSummary:
     run_id: str = ""
     seconds: float = 0.0
     model_seconds: float = 0.0
+    engine: str = "local"
+    workers: int = 1
+    retried: int = 0
 
 
 def _load(scan: Scan) -> Any:
@@ -68,12 +109,51 @@ def _entry(job: ScanJob, result: JobResult) -> dict[str, Any]:
         "error": result.error,
         "outputs": result.outputs,
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+        **{k: result.details[k] for k in ("refine", "quality") if k in result.details},
     }
 
 
 def _private(entry: dict[str, Any]) -> dict[str, Any]:
     """What MLflow may see of a manifest entry: no input paths."""
     return {k: v for k, v in entry.items() if k != "inputs"}
+
+
+def _local_results(
+    jobs: Sequence[ScanJob], predictor: Any, out: Path, prefetch: bool
+) -> Iterator[tuple[ScanJob, JobResult]]:
+    """Run the jobs one after another in this process; the next scan loads while one is segmented."""
+    from medseg.batch.exports import EXPORTERS
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") if prefetch else None
+    pending: Future | None = pool.submit(_load, jobs[0].scan) if pool and jobs else None
+    try:
+        for i, job in enumerate(jobs):
+            image = None
+            t_wait = time.perf_counter()
+            if pending is not None:
+                image = pending.result()
+            waited = time.perf_counter() - t_wait
+            if pool and i + 1 < len(jobs):
+                pending = pool.submit(_load, jobs[i + 1].scan)
+            result = run_job(job, predictor, out, image=image, exporters=EXPORTERS)
+            if pool is not None:
+                result.seconds["load_wait"] = waited
+            yield job, result
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _refine_means(entries: list[dict[str, Any]]) -> dict[str, float]:
+    """Batch means of what refinement changed and of the review facts, as MLflow metrics."""
+    values: dict[str, list[float]] = {}
+    for e in entries:
+        for key in ("crf_changed_fraction", "post_changed_fraction", "changed_fraction"):
+            if key in e.get("refine", {}):
+                values.setdefault(f"refine/{key}_mean", []).append(float(e["refine"][key]))
+        if "foreground_entropy" in e.get("quality", {}):
+            values.setdefault("foreground_entropy_mean", []).append(float(e["quality"]["foreground_entropy"]))
+    return {k: sum(v) / len(v) for k, v in values.items()}
 
 
 def run_prediction(
@@ -91,6 +171,10 @@ def run_prediction(
     overwrite: bool = False,
     prefetch: bool = True,
     progress_bar: bool | None = None,
+    engine: Engine | str = Engine.LOCAL,
+    ray_settings: RaySettings | None = None,
+    crf: bool | None = None,
+    postprocess: bool | None = None,
 ) -> BatchSummary:
     """Segment every scan under ``source`` into ``out_dir/<case_id>/labels.nii.gz``.
 
@@ -112,6 +196,10 @@ def run_prediction(
         overwrite: Allow an output folder made with another model.
         prefetch: Load the next scan while the current one is segmented.
         progress_bar: Show a progress bar (default: when stderr is a terminal).
+        engine: ``local`` (this process) or ``ray`` (a pool of Ray actors; needs medseg[distributed]).
+        ray_settings: Cluster address and pool size for the Ray engine.
+        crf: Switch the dense CRF on or off (``None``: as the model's pipeline says).
+        postprocess: Switch the post-processing chosen at training on or off (``None``: as stored).
 
     Returns:
         The :class:`BatchSummary`; ``out_dir/manifest.json`` and ``.csv`` hold the same records.
@@ -125,6 +213,7 @@ def run_prediction(
     from medseg.tracking import tracked_run
 
     say = echo or (lambda _msg: None)
+    engine = Engine.parse(engine)
     start = time.perf_counter()
     found = discover(source, scan_filter)
     if not found.scans:
@@ -134,7 +223,9 @@ def run_prediction(
         if name not in EXPORTERS:
             msg = f"export must be one of {sorted(EXPORTERS)}, got '{name}'"
             raise InputError(msg)
-    predictor = Predictor.from_path(*models, device=device)
+    # the Ray engine ships the predictor to its workers, which move it to their device
+    predictor = Predictor.from_path(*models, device=device if engine is Engine.LOCAL else "cpu")
+    predictor.refine = predictor.refine.switched(crf=crf, postprocess=postprocess)
     model_sha = "+".join(b.sha256 for b in predictor.bundles)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,42 +262,42 @@ def run_prediction(
         "device": device,
         "keep_probabilities": keep_probabilities,
         "exports": list(exports),
+        "engine": engine.value,
         "pipeline": predictor.bundles[0].pipeline.model_dump(mode="json"),
+        "refine": predictor.refine.model_dump(mode="json"),
     }
     show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
     with tracked_run("predict", experiment=experiment, params=params, uri=tracking_uri) as run:
         summary.run_id = run.run_id
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") if prefetch else None
-        pending: Future | None = pool.submit(_load, jobs[0].scan) if pool and jobs else None
-        try:
-            with _progress(len(jobs), show_bar) as advance:
-                for i, job in enumerate(jobs):
-                    image = None
-                    t_wait = time.perf_counter()
-                    if pending is not None:
-                        image = pending.result()
-                    waited = time.perf_counter() - t_wait
-                    if pool and i + 1 < len(jobs):
-                        pending = pool.submit(_load, jobs[i + 1].scan)
-                    result = run_job(job, predictor, out, image=image, exporters=EXPORTERS)
-                    if pool is not None:
-                        result.seconds["load_wait"] = waited
-                    entry = _entry(job, result)
-                    manifest.entries[job.scan.case_id] = entry
-                    manifest.save(out)
-                    summary.model_seconds += result.seconds.get("model", 0.0)
-                    failed = sum(e["status"] == "failed" for e in manifest.entries.values())
-                    advance(failed)
-                    reason = f" ({result.error})" if result.error else ""
-                    say(f"[{i + 1}/{len(jobs)}] {job.scan.case_id}: {result.status}{reason}")
-                    run.log_metrics({"scans_done": i + 1, "scans_failed": failed}, step=i + 1)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        summary.engine = engine.value
+        ray_engine = None
+        if engine is Engine.RAY:
+            from medseg.batch.ray_engine import RayEngine
+
+            ray_engine = RayEngine(predictor, device=device, settings=ray_settings)
+            results = ray_engine.results(jobs, out)
+        else:
+            results = _local_results(jobs, predictor, out, prefetch)
+        with contextlib.closing(results), _progress(len(jobs), show_bar) as advance:
+            for i, (job, result) in enumerate(results):
+                entry = _entry(job, result)
+                manifest.entries[job.scan.case_id] = entry
+                manifest.save(out)
+                summary.model_seconds += result.seconds.get("model", 0.0)
+                failed = sum(e["status"] == "failed" for e in manifest.entries.values())
+                advance(failed)
+                reason = f" ({result.error})" if result.error else ""
+                say(f"[{i + 1}/{len(jobs)}] {job.scan.case_id}: {result.status}{reason}")
+                run.log_metrics({"scans_done": i + 1, "scans_failed": failed}, step=i + 1)
+        if ray_engine is not None:
+            summary.workers, summary.retried = ray_engine.workers, ray_engine.retried
+            run.log_params({"ray_workers": ray_engine.workers})
+            run.log_metrics({"scans_retried": ray_engine.retried, "workers_replaced": ray_engine.replaced})
         counts = manifest.counts()
         summary.ok, summary.failed = counts["ok"], counts["failed"]
         summary.entries = list(manifest.entries.values())
         summary.seconds = time.perf_counter() - start
+        run.log_metrics(_refine_means(summary.entries))
         run.log_metrics(
             {
                 "scans_ok": summary.ok,

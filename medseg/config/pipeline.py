@@ -15,6 +15,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 
 from medseg.config.base import FrozenModel, dump_yaml, read_yaml, validate
 from medseg.config.spec import DatasetSpec, IntensitySpec
+from medseg.refine.config import RefineConfig
 
 Size3 = tuple[PositiveInt, PositiveInt, PositiveInt]
 Spacing3 = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
@@ -127,13 +128,14 @@ class InferenceConfig(FrozenModel):
 
 
 class PipelineConfig(FrozenModel):
-    """A whole pipeline: model, training and inference."""
+    """A whole pipeline: preprocessing overrides, model, training, inference and refinement."""
 
     name: Annotated[str, Field(min_length=1)]
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
 
     @property
     def window(self) -> tuple[int, int, int]:

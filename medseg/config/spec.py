@@ -115,6 +115,21 @@ class CasePatterns(FrozenModel):
         return self
 
 
+class CodedConcept(FrozenModel):
+    """A coded concept, e.g. SNOMED CT ``{scheme: SCT, value: "10200004", meaning: Liver}``."""
+
+    value: Annotated[str, Field(min_length=1, max_length=64)]
+    scheme: Annotated[str, Field(min_length=1, max_length=16)] = "SCT"
+    meaning: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class LabelCodes(FrozenModel):
+    """What a label is, in codes (DICOM SEG's segmented property category and type)."""
+
+    category: CodedConcept
+    property_type: CodedConcept
+
+
 class ResolvedCase(FrozenModel):
     """A case with absolute paths that exist."""
 
@@ -124,13 +139,19 @@ class ResolvedCase(FrozenModel):
 
 
 class DatasetSpec(FrozenModel):
-    """A data set: channels, labels, training cases, and preprocessing targets."""
+    """A data set: channels, labels, training cases, and preprocessing targets.
+
+    ``label_codes`` and ``label_colors`` are optional: per foreground label name, coded concepts
+    (e.g. SNOMED CT, written into DICOM SEG) and an RGB display colour (used by every export).
+    """
 
     name: Annotated[str, Field(min_length=1)]
     description: str = ""
     data_root: str = "."
     channels: Annotated[list[ChannelSpec], Field(min_length=1)]
     labels: dict[str, int]
+    label_codes: dict[str, LabelCodes] = Field(default_factory=dict)
+    label_colors: dict[str, tuple[int, int, int]] = Field(default_factory=dict)
     cases: list[CaseSpec] | None = None
     case_patterns: CasePatterns | None = None
     target_spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None
@@ -148,6 +169,15 @@ class DatasetSpec(FrozenModel):
         if any(v < 0 for v in values):
             msg = f"label values must be >= 0, got {self.labels}"
             raise ValueError(msg)
+        for field, given in (("label_codes", self.label_codes), ("label_colors", self.label_colors)):
+            unknown = sorted(set(given) - {k for k, v in self.labels.items() if v != 0})
+            if unknown:
+                msg = f"{field} must name foreground labels {sorted(self.labels)}, got {unknown}"
+                raise ValueError(msg)
+        for name, rgb in self.label_colors.items():
+            if any(not 0 <= c <= 255 for c in rgb):
+                msg = f"label_colors.{name} must be three values 0-255, got {list(rgb)}"
+                raise ValueError(msg)
         names = [c.name for c in self.channels]
         if len(set(names)) != len(names):
             msg = f"channel names must be distinct, got {names}"

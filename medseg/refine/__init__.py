@@ -37,6 +37,7 @@ _LAZY = {
     "SeparableGaussian": "gaussian",
     "PermutohedralLattice": "lattice",
     "RefineReport": "stage",
+    "postprocess_with_report": "stage",
     "refine": "stage",
 }
 
@@ -59,6 +60,7 @@ __all__ = [
     "mean_field",
     "plan_blocks",
     "postprocess",
+    "postprocess_with_report",
     "refine",
     "remove_small_components",
 ]
@@ -86,4 +88,4 @@ if TYPE_CHECKING:
     from medseg.refine.crf import dense_crf, dense_crf_with_info, mean_field
     from medseg.refine.gaussian import SeparableGaussian
     from medseg.refine.lattice import PermutohedralLattice
-    from medseg.refine.stage import RefineReport, refine
+    from medseg.refine.stage import RefineReport, postprocess_with_report, refine

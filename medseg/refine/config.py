@@ -142,11 +142,15 @@ class PostprocessConfig(FrozenModel):
 
     Attributes:
         enabled: Apply it at all.
+        choose: At the end of training, choose ``labels`` on the validation cases (keeping only
+            operations that raise a label's Dice) and store the choice with the model; any ``labels``
+            given here are then replaced. ``False`` keeps ``labels`` as written.
         connectivity: ``"face"`` (4/6-connected) or ``"full"`` (8/26-connected) components.
         labels: Operations per label; labels not listed are left alone.
     """
 
     enabled: bool = True
+    choose: bool = True
     connectivity: Literal["face", "full"] = "full"
     labels: dict[PositiveInt, LabelPostprocess] = Field(default_factory=dict)
 
@@ -155,8 +159,31 @@ class PostprocessConfig(FrozenModel):
         return self.labels.get(label, LabelPostprocess())
 
 
-class RefineConfig(FrozenModel):
-    """The ``refine:`` section of a pipeline: the dense CRF, then post-processing."""
+def _crf_off() -> DenseCRFConfig:
+    return DenseCRFConfig(enabled=False)
 
-    crf: DenseCRFConfig = Field(default_factory=DenseCRFConfig)
+
+class RefineConfig(FrozenModel):
+    """The ``refine:`` section of a pipeline: the dense CRF, then post-processing.
+
+    Without a ``crf:`` entry the CRF is off (it costs about as much as the network on CPU); writing
+    one switches it on with the defaults of :class:`DenseCRFConfig` unless it says ``enabled: false``.
+    Post-processing is on, chosen on validation data at the end of training.
+
+    Examples:
+        >>> RefineConfig().crf.enabled, RefineConfig.model_validate({"crf": {"iterations": 3}}).crf.enabled
+        (False, True)
+    """
+
+    crf: DenseCRFConfig = Field(default_factory=_crf_off)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+
+    def switched(self, crf: bool | None = None, postprocess: bool | None = None) -> RefineConfig:
+        """A copy with the CRF and/or post-processing switched on or off (``None``: unchanged)."""
+        out = self
+        if crf is not None:
+            out = out.model_copy(update={"crf": out.crf.model_copy(update={"enabled": crf})})
+        if postprocess is not None:
+            post = out.postprocess.model_copy(update={"enabled": postprocess})
+            out = out.model_copy(update={"postprocess": post})
+        return out

@@ -132,7 +132,10 @@ def mean_field(
     n = math.prod(shape)
     device = probs.device
     mu = _compatibility(cfg, k, device)
-    log_p = probs.reshape(k, n).to(torch.float32, copy=True).clamp_(min=cfg.min_probability).log_()
+    # a fresh row-major copy whatever the input's strides (a permuted tensor reshapes to a strided
+    # view, and ``to(copy=True)`` would keep those strides; the in-place steps below assume rows)
+    log_p = torch.empty(k, n, device=device)
+    log_p.copy_(probs.reshape(k, n)).clamp_(min=cfg.min_probability).log_()
     tmp = torch.empty(n, device=device)  # one label's worth of scratch
     q = _softmax_(log_p.clone(), tmp)
     if cfg.iterations == 0 or (cfg.spatial_weight == 0 and cfg.bilateral_weight == 0):

@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from medseg.bundle import build_network, save_bundle
+from medseg.bundle import build_network, load_bundle, save_bundle
 from medseg.config.pipeline import PipelineConfig
 from medseg.config.spec import LoadedSpec, ResolvedCase
 from medseg.errors import ConfigError
@@ -22,6 +22,10 @@ from medseg.models.registry import check_patch
 from medseg.tiling import sliding_window_probabilities
 from medseg.training.data import PatchLoader, load_validation
 from medseg.training.metrics import dice_per_label
+from medseg.training.postprocess_choice import choose_on_validation
+
+if TYPE_CHECKING:
+    from medseg.training.distributed import DistContext
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
@@ -150,6 +154,27 @@ def _loss(loss_fn: Any, output: Any, target: torch.Tensor) -> torch.Tensor:
     return loss_fn(output, target)
 
 
+def _minutes(start: float, distributed: DistContext | None) -> float:
+    """Minutes since ``start``; rank 0's in a distributed run, so every rank decides alike."""
+    minutes = (time.perf_counter() - start) / 60
+    return minutes if distributed is None else distributed.from_main(minutes)
+
+
+def _choose_postprocessing(
+    bundle_dir: Path, volumes: list[dict[str, Any]], labels: list[int], run: Any, device: Any
+) -> None:
+    """Choose post-processing with the best model on the validation cases; store it in its bundle."""
+    bundle = load_bundle(bundle_dir, device=device)
+    choice = choose_on_validation(bundle.network, volumes, bundle.pipeline, labels)
+    refine = bundle.pipeline.refine.model_copy(update={"postprocess": choice.config})
+    pipeline = bundle.pipeline.model_copy(update={"refine": refine})
+    info = {k: v for k, v in bundle.info.items() if k not in ("weights_sha256", "path")}
+    info["postprocess_chosen_on"] = len(volumes)
+    save_bundle(bundle_dir, pipeline, bundle.spec, bundle.network, info)
+    run.log_metrics(choice.metrics(bundle.spec.label_names))
+    run.log_dict(choice.config.model_dump(mode="json"), "postprocess.json")
+
+
 def train(
     cfg: PipelineConfig,
     data: LoadedSpec,
@@ -161,6 +186,7 @@ def train(
     tracking_uri: str | None = None,
     experiment: str = "medseg",
     progress: ProgressFn | None = None,
+    distributed: DistContext | None = None,
 ) -> TrainResult:
     """Train the pipeline's model on a spec's cases and save the best model as a bundle.
 
@@ -176,6 +202,9 @@ def train(
         tracking_uri: MLflow store (default: ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``).
         experiment: MLflow experiment name.
         progress: Called after each epoch with ``(epoch, epochs, metrics)``.
+        distributed: This process's place in a data-parallel group (see
+            :mod:`medseg.training.distributed`): it trains on its shard of the cases, and only rank 0
+            validates, saves and logs.
 
     Returns:
         The :class:`TrainResult`.
@@ -216,8 +245,12 @@ def train(
     check_patch(cfg.model.name, cfg.window, **cfg.model.params)
     fg_labels = [v for v in spec.label_values if v != 0]
 
-    patches = PatchLoader(train_cases, spec, tcfg, tcfg.seed, cache_dir=out / "cache")
-    val_volumes = load_validation(val_cases, spec) if val_cases else []
+    main = distributed is None or distributed.is_main
+    shard, patch_seed = (train_cases, tcfg.seed)
+    if distributed is not None:
+        shard, patch_seed = distributed.shard(train_cases, tcfg.seed)
+    patches = PatchLoader(shard, spec, tcfg, patch_seed, cache_dir=out / "cache")
+    val_volumes = load_validation(val_cases, spec) if val_cases and main else []
     loss_fn = DiceCELoss(
         to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5
     )
@@ -259,10 +292,11 @@ def train(
         "n_parameters": sum(p.numel() for p in network.parameters()),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "nproc": 1 if distributed is None else distributed.world_size,
     }
     start = time.perf_counter() - elapsed_before
     epoch = first_epoch - 1
-    with tracked_run(
+    tracking = tracked_run(
         "train",
         experiment=experiment,
         run_name=cfg.name if fold is None else f"{cfg.name}-fold{fold}",
@@ -270,7 +304,8 @@ def train(
         tags={"medseg.spec": spec.name, "medseg.model": cfg.model.name, "medseg.fold": str(fold)},
         uri=tracking_uri,
         resume_run_id=resume_id,
-    ) as run:
+    )
+    with tracking if main or distributed is None else distributed.quiet_run() as run:
         result.run_id = run.run_id
         if not resume:
             run.log_dict(cfg.model_dump(mode="json"), "pipeline.json")
@@ -279,9 +314,10 @@ def train(
                 {"train": [c.id for c in train_cases], "val": [c.id for c in val_cases]}, "split.json"
             )
         network.train()
+        model = network if distributed is None else distributed.wrap(network)
         for epoch in range(first_epoch, tcfg.epochs + 1):
             t0 = time.perf_counter()
-            elapsed_min = (time.perf_counter() - start) / 60
+            elapsed_min = _minutes(start, distributed)
             budget = None if tcfg.deterministic else tcfg.max_minutes
             done = training_progress(epoch - 1, tcfg.epochs, elapsed_min, budget)
             lr = set_lr(opt, tcfg.learning_rate, done, tcfg.schedule)
@@ -290,13 +326,16 @@ def train(
                 image, label = batch["image"].to(device), batch["label"].to(device)
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                    loss = _loss(loss_fn, network(image), label)
+                    loss = _loss(loss_fn, model(image), label)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
                 losses.append(float(loss.detach()))
-            metrics = {"train_loss": float(np.mean(losses)), "epoch_s": time.perf_counter() - t0, "lr": lr}
-            elapsed_min = (time.perf_counter() - start) / 60
+            train_loss = float(np.mean(losses))
+            if distributed is not None:
+                train_loss = distributed.mean(train_loss)
+            metrics = {"train_loss": train_loss, "epoch_s": time.perf_counter() - t0, "lr": lr}
+            elapsed_min = _minutes(start, distributed)
             out_of_time = budget is not None and elapsed_min >= budget
             last = epoch == tcfg.epochs or out_of_time
             if val_volumes and (epoch % tcfg.val_every == 0 or last):
@@ -315,9 +354,10 @@ def train(
                     )
             run.log_metrics(metrics, step=epoch)
             result.history.append({"epoch": epoch, **metrics})
-            state = _checkpoint_state(network, opt, epoch, best, run.run_id, result.history)
-            state["elapsed"] = time.perf_counter() - start
-            _save_checkpoint(ckpt_path, state)
+            if main:
+                state = _checkpoint_state(network, opt, epoch, best, run.run_id, result.history)
+                state["elapsed"] = time.perf_counter() - start
+                _save_checkpoint(ckpt_path, state)
             if progress is not None:
                 progress(epoch, tcfg.epochs, metrics)
             if last:
@@ -325,6 +365,8 @@ def train(
         if not val_volumes:
             save_bundle(result.bundle, cfg, spec, network, {"epoch": epoch, "fold": fold})
         save_bundle(out / "last", cfg, spec, network, {"epoch": epoch, "fold": fold})
+        if val_volumes and cfg.refine.postprocess.enabled and cfg.refine.postprocess.choose:
+            _choose_postprocessing(result.bundle, val_volumes, fg_labels, run, device)
         result.seconds = time.perf_counter() - start
         result.best_dice = best if best >= 0 else math.nan
         run.log_metrics({"train_seconds": result.seconds, "best_val_dice_mean": result.best_dice})
