@@ -46,7 +46,9 @@ def export_volumes(case_dir: Path, *, prediction: Any, **_: Any) -> list[Path]:
 def _clinician_export(name: str) -> Exporter:
     """An exporter running the clinician export ``name`` of :mod:`medseg.export` on a fresh prediction."""
 
-    def export(case_dir: Path, *, image: Any, prediction: Any, job: Any, predictor: Any, **_: Any) -> list[Path]:
+    def export(
+        case_dir: Path, *, image: Any, prediction: Any, job: Any, predictor: Any, **_: Any
+    ) -> list[Path]:
         from medseg.export import case_from_prediction, export_case
         from medseg.export.case import CASE_FILE
 

@@ -1,0 +1,209 @@
+"""Where each source DICOM instance sits on a label map's grid, from its own position and orientation.
+
+DICOM exports (SEG, RTSTRUCT) need, for every source SOP instance, the slice of the label map it
+shows. That is computed here from each instance's ImagePositionPatient and
+ImageOrientationPatient, never from InstanceNumber or file order, so flipped, reversed, oblique
+and shuffled series come out aligned. A label map made elsewhere (any axis order or flips, as long
+as its voxels are the series' voxels) is re-indexed onto the series' own grid first.
+
+Grid of a series (as in :mod:`medseg.io`): ``i`` along a row (first cosine), ``j`` down a column
+(second cosine), ``k`` along ``cross(row, col)``; slice ``k`` of a label map is the frame
+``labels[:, :, k].T`` (rows x columns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from medseg.errors import GeometryError, InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+GRID_TOL = 0.05
+"""Largest offset accepted between a voxel and a lattice point, in voxels."""
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesGrid:
+    """The headers of a single-frame DICOM series with the voxel grid they span.
+
+    Attributes:
+        headers: The instances' headers (no pixel data), ordered along the slice normal (``k``).
+        affine: 4x4 RAS+ affine of the grid.
+        shape: ``(columns, rows, slices)``, i.e. ``(X, Y, Z)``.
+    """
+
+    headers: tuple[pydicom.Dataset, ...]
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+
+    def frame(self, labels: np.ndarray, k: int) -> np.ndarray:
+        """Slice ``k`` of a label map on this grid as a DICOM frame (rows x columns)."""
+        return np.ascontiguousarray(labels[:, :, k].T)
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None or len(value) != n:
+        msg = f"DICOM instance {ds.get('SOPInstanceUID', '?')}: {keyword} must hold {n} numbers, got {value}"
+        raise GeometryError(msg)
+    return np.asarray([float(v) for v in value], dtype=np.float64)
+
+
+def read_headers(files: Sequence[Path]) -> list[pydicom.Dataset]:
+    """Read the headers (without pixel data) of DICOM files.
+
+    Raises:
+        InputError: If a file is not readable DICOM.
+    """
+    out = []
+    for f in files:
+        try:
+            out.append(pydicom.dcmread(f, stop_before_pixels=True))
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            msg = f"{f}: must be a readable DICOM file, got {type(exc).__name__}: {exc}"
+            raise InputError(msg) from exc
+    return out
+
+
+def series_grid(files: Sequence[Path] | Sequence[pydicom.Dataset]) -> SeriesGrid:
+    """The voxel grid of a single-frame DICOM series, with its headers in slice order.
+
+    Args:
+        files: The series' files (or their headers), in any order.
+
+    Returns:
+        The :class:`SeriesGrid`; the slice step is the mean position step (exact for even
+        spacing, and for gantry tilt the sheared step medseg's reader uses too).
+
+    Raises:
+        GeometryError: Missing geometry, mixed orientations or sizes, or two slices at one position.
+    """
+    headers = [f if isinstance(f, pydicom.Dataset) else None for f in files]
+    if any(h is None for h in headers):
+        headers = read_headers([Path(f) for f in files])  # type: ignore[arg-type]
+    if not headers:
+        msg = "DICOM series must hold at least one instance, got none"
+        raise InputError(msg)
+    first = headers[0]
+    iop = _floats(first, "ImageOrientationPatient", 6)
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    spacing = _floats(first, "PixelSpacing", 2)
+    size = (int(first.Columns), int(first.Rows))
+    for ds in headers[1:]:
+        if np.max(np.abs(_floats(ds, "ImageOrientationPatient", 6) - iop)) > 1e-4:
+            other = list(ds.ImageOrientationPatient)
+            msg = f"DICOM series must share one ImageOrientationPatient, got {iop.tolist()} and {other}"
+            raise GeometryError(msg)
+        if (int(ds.Columns), int(ds.Rows)) != size:
+            msg = f"DICOM series must share one image size {size}, got {(ds.Columns, ds.Rows)}"
+            raise GeometryError(msg)
+    positions = np.stack([_floats(ds, "ImagePositionPatient", 3) for ds in headers])
+    order = np.argsort(positions @ normal, kind="stable")
+    headers = [headers[i] for i in order]
+    positions = positions[order]
+    if len(headers) > 1:
+        gaps = np.diff(positions @ normal)
+        if np.any(gaps < 1e-3):
+            msg = "DICOM series slice positions must be distinct, got two instances at one position"
+            raise GeometryError(msg)
+        step = (positions[-1] - positions[0]) / (len(headers) - 1)
+    else:
+        thickness = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 1) or 1)
+        step = normal * thickness
+    lps = np.eye(4)
+    lps[:3, 0] = row * spacing[1]
+    lps[:3, 1] = col * spacing[0]
+    lps[:3, 2] = step
+    lps[:3, 3] = positions[0]
+    return SeriesGrid(tuple(headers), LPS_TO_RAS @ lps, (size[0], size[1], len(headers)))
+
+
+def instance_slices(grid: SeriesGrid, tol: float = GRID_TOL) -> list[int]:
+    """The slice ``k`` of the grid that each header (in ``grid.headers`` order) shows.
+
+    Each instance's first pixel (its ImagePositionPatient) must be a lattice point ``(0, 0, k)``
+    of the grid and its orientation must be the grid's.
+
+    Raises:
+        GeometryError: If an instance does not lie on a slice of the grid.
+    """
+    inv = np.linalg.inv(np.linalg.inv(LPS_TO_RAS) @ grid.affine)
+    out = []
+    for ds in grid.headers:
+        ijk = inv @ np.append(_floats(ds, "ImagePositionPatient", 3), 1.0)
+        k = round(float(ijk[2]))
+        if np.max(np.abs(ijk[:3] - [0, 0, k])) > tol or not 0 <= k < grid.shape[2]:
+            msg = (
+                f"DICOM instance {ds.get('SOPInstanceUID', '?')} must lie on a slice of the grid, "
+                f"got voxel position {np.round(ijk[:3], 3).tolist()}"
+            )
+            raise GeometryError(msg)
+        out.append(k)
+    return out
+
+
+def to_grid(
+    labels: np.ndarray,
+    affine: np.ndarray,
+    target_affine: np.ndarray,
+    target_shape: tuple[int, int, int],
+    what: str = "label map",
+    tol: float = GRID_TOL,
+) -> np.ndarray:
+    """Re-index a volume onto a grid that holds the same voxels (axes permuted or flipped).
+
+    No interpolation: every voxel of ``labels`` must sit on a voxel of the target grid and the two
+    grids must cover the same voxels.
+
+    Args:
+        labels: The volume ``(X, Y, Z)``.
+        affine: Its RAS+ affine.
+        target_affine: The target grid's RAS+ affine.
+        target_shape: The target grid's shape.
+        what: What the volume is, for messages.
+        tol: Largest offset from a lattice point, in voxels.
+
+    Returns:
+        The volume indexed on the target grid.
+
+    Raises:
+        GeometryError: If the grids do not share their voxels.
+    """
+    index_map = np.linalg.inv(target_affine) @ np.asarray(affine, dtype=np.float64)
+    rot = index_map[:3, :3]
+    perm = np.round(rot)
+    is_perm = (
+        np.allclose(rot, perm, atol=tol)
+        and np.allclose(np.abs(perm).sum(0), 1)
+        and np.allclose(np.abs(perm).sum(1), 1)
+    )
+    shift = index_map[:3, 3]
+    if not is_perm or not np.allclose(shift, np.round(shift), atol=tol):
+        msg = (
+            f"{what} must lie on the voxel grid of the DICOM series (same voxels, any axis order), "
+            f"got a grid that maps to series voxels by {np.round(index_map[:3], 3).tolist()}"
+        )
+        raise GeometryError(msg)
+    src_shape = np.asarray(labels.shape)
+    mapped = np.abs(perm) @ src_shape
+    if not np.array_equal(mapped.astype(int), np.asarray(target_shape)):
+        msg = f"{what} must cover the series' {tuple(target_shape)} voxels, got shape {tuple(labels.shape)}"
+        raise GeometryError(msg)
+    out = labels
+    axes = [int(np.flatnonzero(perm[t])[0]) for t in range(3)]  # target axis t comes from source axis
+    out = np.transpose(out, axes)
+    for t in range(3):
+        if perm[t, axes[t]] < 0:
+            out = out[(slice(None),) * t + (slice(None, None, -1),)]
+    corner = perm @ np.zeros(3) + np.round(shift)
+    low = np.minimum(corner, corner + perm @ (src_shape - 1))
+    if np.any(np.abs(low) > 0.5):
+        msg = f"{what} must start at the series' first voxel, got an offset of {low.tolist()} voxels"
+        raise GeometryError(msg)
+    return np.ascontiguousarray(out)

@@ -1,0 +1,192 @@
+"""Clinician exports by name, and running them on one case.
+
+=================== ===================================================== ==============
+name                what it writes (in the case folder)                   applies to
+=================== ===================================================== ==============
+nifti               ``labels.nii.gz`` + ITK-SNAP and Slicer label tables  every input
+dicom-seg           ``segmentation.dcm`` (DICOM SEG)                      DICOM series
+rtstruct            ``rtstruct.dcm`` (RT Structure Set, needs rt-utils)   DICOM series
+stats               ``stats.json``, ``stats.csv``                         every input
+overlays            ``overlays/montage*.png``                             every input
+secondary-capture   ``secondary_capture/montage-N.dcm``                   DICOM series
+report              ``case.json`` (+ stats); the batch's ``report/``      every input
+=================== ===================================================== ==============
+
+Every export also writes ``case.json`` (the facts a later ``medseg export`` needs). An export that
+does not apply to an input (DICOM SEG for a NIfTI file) is skipped for that case and recorded as
+such in ``case.json``.
+
+Examples:
+    >>> parse_exports("default")
+    ('nifti', 'dicom-seg', 'stats', 'overlays', 'report')
+    >>> parse_exports("stats,dicom_seg")
+    ('stats', 'dicom-seg')
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from medseg.errors import ConfigError
+from medseg.export.case import CaseExport, write_case_facts
+
+CaseWriter = Callable[[CaseExport, Path], list[Path]]
+
+
+@dataclass(frozen=True)
+class ExportKind:
+    """One export.
+
+    Attributes:
+        name: Its name on the command line.
+        write: ``write(case, case_dir) -> written paths``.
+        dicom_only: Applies only to DICOM inputs.
+        summary: One line for help texts.
+    """
+
+    name: str
+    write: CaseWriter
+    dicom_only: bool = False
+    summary: str = ""
+
+
+CASE_EXPORTS: dict[str, ExportKind] = {}
+DEFAULT_EXPORTS: tuple[str, ...] = ("nifti", "dicom-seg", "stats", "overlays", "report")
+"""What ``medseg predict`` exports unless told otherwise (each where it applies)."""
+
+
+def register_case_export(
+    name: str, *, dicom_only: bool = False, summary: str = ""
+) -> Callable[[CaseWriter], CaseWriter]:
+    """Register a case export under ``name`` (a decorator)."""
+
+    def decorate(fn: CaseWriter) -> CaseWriter:
+        CASE_EXPORTS[name] = ExportKind(name, fn, dicom_only, summary)
+        return fn
+
+    return decorate
+
+
+def parse_exports(text: str | Sequence[str], known: Collection[str] | None = None) -> tuple[str, ...]:
+    """Export names from a comma-separated list (``default`` and ``none`` are allowed).
+
+    Underscores count as dashes; order is kept and repeats dropped.
+
+    Args:
+        text: ``"nifti,stats"``, or a list of names.
+        known: The valid names (default: :data:`CASE_EXPORTS`).
+
+    Returns:
+        The names.
+
+    Raises:
+        ConfigError: For an unknown name (the nearest valid one is suggested).
+    """
+    valid = list(CASE_EXPORTS if known is None else known)
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for item in items:
+        name = item.strip().lower().replace("_", "-")
+        if not name or name == "none":
+            continue
+        names = DEFAULT_EXPORTS if name == "default" else (name,)
+        for n in names:
+            if n not in valid:
+                near = difflib.get_close_matches(n, valid, n=1)
+                hint = f"; did you mean '{near[0]}'?" if near else ""
+                msg = f"export must be one of {sorted(valid)} (or default, none), got '{n}'{hint}"
+                raise ConfigError(msg)
+            if n not in out:
+                out.append(n)
+    return tuple(out)
+
+
+def export_case(case: CaseExport, case_dir: Path, names: Sequence[str]) -> list[Path]:
+    """Run exports on one case and record them in ``case.json``.
+
+    Args:
+        case: The case.
+        case_dir: Its output folder (exists).
+        names: Export names (see :data:`CASE_EXPORTS`).
+
+    Returns:
+        Every file written, ``case.json`` included.
+
+    Raises:
+        ConfigError: For an unknown name.
+        MedsegError: When an export fails (e.g. a missing optional dependency).
+    """
+    names = parse_exports(list(names))
+    written: list[Path] = []
+    done, skipped = [], []
+    for name in names:
+        kind = CASE_EXPORTS[name]
+        if kind.dicom_only and not case.is_dicom:
+            skipped.append(name)
+            continue
+        written += kind.write(case, Path(case_dir))
+        done.append(name)
+    written.append(write_case_facts(case, Path(case_dir), done, skipped))
+    return written
+
+
+def _nifti(case: CaseExport, case_dir: Path) -> list[Path]:
+    from medseg.export.case import LABEL_FILE
+    from medseg.export.label_tables import write_label_tables
+    from medseg.io import write_label_map
+
+    out = []
+    if not (case_dir / LABEL_FILE).is_file():
+        out.append(write_label_map(case.labels, case.affine, case_dir / LABEL_FILE))
+    return out + write_label_tables(case, case_dir)
+
+
+def _dicom_seg(case: CaseExport, case_dir: Path) -> list[Path]:
+    from medseg.export.dicom_seg import write_dicom_seg
+
+    return write_dicom_seg(case, case_dir)
+
+
+def _rtstruct(case: CaseExport, case_dir: Path) -> list[Path]:
+    from medseg.export.rtstruct import write_rtstruct
+
+    return write_rtstruct(case, case_dir)
+
+
+def _stats(case: CaseExport, case_dir: Path) -> list[Path]:
+    from medseg.export.stats import write_stats
+
+    return write_stats(case, case_dir)
+
+
+def _overlays(case: CaseExport, case_dir: Path) -> list[Path]:
+    from medseg.export.overlays import write_overlays
+
+    return write_overlays(case, case_dir)
+
+
+def _secondary_capture(case: CaseExport, case_dir: Path) -> list[Path]:
+    from medseg.export.secondary_capture import write_secondary_capture
+
+    return write_secondary_capture(case, case_dir)
+
+
+def _report(case: CaseExport, case_dir: Path) -> list[Path]:
+    from medseg.export.stats import STATS_JSON, write_stats
+
+    return [] if (case_dir / STATS_JSON).is_file() else write_stats(case, case_dir)
+
+
+for _name, _fn, _dicom, _summary in (
+    ("nifti", _nifti, False, "labels.nii.gz with ITK-SNAP and 3D Slicer label tables"),
+    ("dicom-seg", _dicom_seg, True, "DICOM SEG referencing the source series"),
+    ("rtstruct", _rtstruct, True, "DICOM RT Structure Set (needs medseg[rtstruct])"),
+    ("stats", _stats, False, "voxels, mL, components, intensity per label (JSON, CSV)"),
+    ("overlays", _overlays, False, "PNG montages: axial/coronal/sagittal through each label"),
+    ("secondary-capture", _secondary_capture, True, "the montages as DICOM Secondary Capture"),
+    ("report", _report, False, "the batch's static HTML review page (OUT/report/)"),
+):
+    register_case_export(_name, dicom_only=_dicom, summary=_summary)(_fn)
