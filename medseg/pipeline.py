@@ -289,6 +289,58 @@ class Predictor:
         except GeometryError:
             return None
 
+    def predict_array(
+        self,
+        array: np.ndarray | torch.Tensor,
+        affine: np.ndarray,
+        keep_probabilities: bool = False,
+        space: str = "RAS",
+    ) -> Prediction:
+        """Segment a volume held in memory (a notebook's array, another service's buffer).
+
+        Args:
+            array: ``(X, Y, Z)`` for one channel or ``(C, X, Y, Z)``, any real dtype.
+            affine: Its ``4 x 4`` voxel-to-world matrix in mm.
+            keep_probabilities: Also return the probabilities on the array's grid.
+            space: ``"RAS"`` (nibabel's convention) or ``"LPS"`` (ITK/SimpleITK and DICOM's).
+
+        Returns:
+            The :class:`Prediction` on the array's own grid (labels ``(X, Y, Z)``; its ``affine``
+            is in RAS).
+
+        Raises:
+            InputError: A wrong shape or affine, or what :meth:`predict` refuses.
+
+        Examples:
+            >>> pred = Predictor.from_path("demo_out/model/bundle")  # doctest: +SKIP
+            >>> result = pred.predict_array(ct_hu, affine)  # doctest: +SKIP
+        """
+        data = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
+        if data.ndim == 3:
+            data = data[None]
+        matrix = np.asarray(affine, dtype=np.float64)
+        if (
+            matrix.shape != (4, 4)
+            or not np.isfinite(matrix).all()
+            or abs(np.linalg.det(matrix[:3, :3])) < 1e-12
+        ):
+            msg = f"affine must be a finite, invertible 4 x 4 matrix, got {np.asarray(affine).tolist()}"
+            raise InputError(msg)
+        if space not in ("RAS", "LPS"):
+            msg = f"space must be 'RAS' or 'LPS', got {space!r}"
+            raise InputError(msg)
+        if space == "LPS":
+            matrix = np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix
+        meta = {
+            "affine": torch.as_tensor(matrix),
+            "original_affine": matrix.copy(),
+            "spatial_shape": np.asarray(data.shape[1:]),
+            "space": "RAS",
+            "original_channel_dim": 0,
+            "filename_or_obj": "<array>",
+        }
+        return self.predict(MetaTensor(data, meta=meta), keep_probabilities=keep_probabilities)
+
     def predict_path(self, path: str | Path, **load_kwargs: Any) -> Prediction:
         """Load a scan (file or DICOM series folder) and segment it."""
         t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from medseg.bundle import build_network, load_bundle, save_bundle
 from medseg.cli import app
 from medseg.config.pipeline import PipelineConfig
 from medseg.config.spec import DatasetSpec
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, InputError
 from medseg.io import load_image
 from medseg.pipeline import Predictor
 from medseg.synth import write_dicom_series, write_nifti
@@ -194,3 +194,24 @@ def test_tiny_train_predict_and_mlflow(tmp_path: Path, monkeypatch: pytest.Monke
     pred_run = client.get_run(summary.run_id)
     assert pred_run.data.metrics["scans_ok"] == 4
     assert pred_run.info.status == "FINISHED"
+
+
+def test_predict_array_in_memory_equals_predict_path(tmp_path: Path) -> None:
+    vol = _label_volume()
+    affine = _oblique(flip=True)
+    src = write_nifti(vol, affine, tmp_path / "scan.nii.gz")
+    predictor = Predictor.from_path(_passthrough_bundle(tmp_path, target_spacing=[1.0, 1.0, 2.0]))
+    from_disk = predictor.predict_path(src)
+    in_memory = predictor.predict_array(vol.astype(np.float32), affine, keep_probabilities=True)
+    assert np.array_equal(in_memory.labels, from_disk.labels)
+    np.testing.assert_allclose(in_memory.affine, from_disk.affine, atol=1e-5)
+    assert in_memory.probabilities is not None
+    assert in_memory.probabilities.shape == (len(LABELS), *vol.shape)
+    # the same scan described in ITK's LPS convention, with a channel axis
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    as_lps = predictor.predict_array(torch.from_numpy(vol)[None], lps, space="LPS")
+    assert np.array_equal(as_lps.labels, from_disk.labels)
+    with pytest.raises(InputError, match="affine must be a finite, invertible 4 x 4 matrix"):
+        predictor.predict_array(vol, np.zeros((4, 4)))
+    with pytest.raises(InputError, match="image must be 3D"):
+        predictor.predict_array(vol[:, :, 0], affine)
