@@ -290,3 +290,67 @@ def test_evaluate_and_compare_against_an_mlflow_server(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
+
+
+def test_group_by_variant_pools_seeds_and_tests_against_seed_noise(tmp_path: Path) -> None:
+    from medseg.evaluation.groups import group_runs, write_groups
+
+    experiment = f"groups-{uuid.uuid4().hex[:8]}"
+    evaluations = {}
+    for noise in (0.01, 0.2):
+        for seed in range(3):
+            ev = _evaluation(noise, 10 * seed + int(noise * 100))
+            files = write_evaluation(ev, tmp_path / f"n{noise}-s{seed}")
+            log_evaluation(ev, files, experiment=experiment, run_name=f"n{noise}-s{seed}")
+            evaluations[(noise, seed)] = ev
+    comp = compare_runs(experiment=experiment, kind="evaluate", metrics=["dice_mean", "dice_liver_mean"])
+    grouped = group_runs(comp, ["variant"], baseline="noise0.01")
+    assert sorted(grouped.groups) == ["noise0.01", "noise0.2"]
+    assert all(len(runs) == 3 for runs in grouped.groups.values())
+    # the group's mean is the mean of its three runs' logged means
+    base = grouped.stat("noise0.01", "dice_mean")
+    logged = [r.metrics["dice_mean"] for r in grouped.groups["noise0.01"]]
+    assert base.n_runs == 3
+    assert base.mean == pytest.approx(np.mean(logged))
+    assert base.sd == pytest.approx(np.std(logged, ddof=1))
+    diff = next(d for d in grouped.diffs if d.metric == "dice_mean")
+    assert diff.diff < -0.1  # 20% noise is far worse than 1%, well beyond seed noise
+    assert diff.beyond_noise is True
+    # paired per-case: each case's Dice averaged over the seeds of each variant
+    liver = next(d for d in grouped.diffs if d.metric == "dice_liver_mean").paired
+    assert liver.n == len(CASES)
+    per_case = {
+        noise: {c: np.mean([evaluations[(noise, s)].scores[c][0].dice for s in range(3)]) for c in CASES}
+        for noise in (0.01, 0.2)
+    }
+    expected = np.mean([per_case[0.2][c] - per_case[0.01][c] for c in CASES])
+    assert liver.mean_diff == pytest.approx(expected)
+    files = write_groups(grouped, tmp_path / "out")
+    rows = list(csv.DictReader(files["groups.csv"].open()))
+    assert {r["group"] for r in rows} == {"noise0.01", "noise0.2"}
+    assert "group_paired.csv" in files
+    with pytest.raises(ConfigError, match="group-by param 'nope' must be logged"):
+        group_runs(comp, ["nope"])
+    with pytest.raises(ConfigError, match="baseline group must be one of"):
+        group_runs(comp, ["variant"], baseline="missing")
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "--experiment",
+            experiment,
+            "--kind",
+            "evaluate",
+            "--metric",
+            "dice_mean",
+            "--group-by",
+            "variant",
+            "--baseline-group",
+            "noise0.01",
+            "--out",
+            str(tmp_path / "cli"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "variants by variant" in result.output
+    assert (tmp_path / "cli" / "groups.csv").is_file()

@@ -234,6 +234,8 @@ def evaluate_model(
     device: str = "cpu",
     save_dir: str | Path | None = None,
     echo: Callable[[str], Any] | None = None,
+    crf: bool | None = None,
+    postprocess: bool | None = None,
 ) -> Evaluation:
     """Run a model on the spec's cases and score its label maps on each scan's own grid.
 
@@ -247,6 +249,8 @@ def evaluate_model(
         device: Where the network runs.
         save_dir: Also write each label map to ``save_dir/<case_id>/labels.nii.gz``.
         echo: Where to print a line per case.
+        crf: Switch the dense CRF on or off (``None``: as the model's pipeline says).
+        postprocess: Switch the post-processing chosen at training on or off (``None``: as stored).
 
     Returns:
         The :class:`Evaluation`.
@@ -261,6 +265,7 @@ def evaluate_model(
     say = echo or (lambda _msg: None)
     _check_tolerance(tolerance_mm)
     predictor = Predictor.from_path(*models, device=device)
+    predictor.refine = predictor.refine.switched(crf=crf, postprocess=postprocess)
     if predictor.spec.labels != loaded.spec.labels:
         msg = f"model labels must match the spec's {loaded.spec.labels}, got {predictor.spec.labels}"
         raise ConfigError(msg)
@@ -290,6 +295,7 @@ def evaluate_model(
         "fold": fold,
         "n_selected": len(selected),
         "device": device,
+        "refine": predictor.refine.model_dump(mode="json"),
     }
     for i, case in enumerate(selected, 1):
         if case.label is None:
