@@ -15,6 +15,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ from medseg.io import load_image, write_label_map
 from medseg.preprocess import build_preprocess, invert_to_source, spacing_from_affine
 from medseg.preprocess.intensity import NormalizeChannelsd
 from medseg.refine import PostprocessConfig, RefineConfig, RefineReport, postprocess_with_report, refine
-from medseg.tiling import TilingSettings, choose_memory_mode, infer, plan_for
+from medseg.tiling import TilingSettings, argmax_channels, choose_memory_mode, infer, plan_for
 from medseg.tiling.sinks import ProbabilityWriter
 from medseg.tiling.to_source import SourceGridLabels, SourceMapping, source_mapping
 
@@ -60,14 +61,24 @@ class Prediction:
     quality: dict[str, float] = field(default_factory=dict)
 
 
-def foreground_entropy(probs: torch.Tensor, labels: np.ndarray, chunk: int = 1 << 20) -> float | None:
+def foreground_entropy(
+    probs: torch.Tensor, labels: np.ndarray, chunk: int = 1 << 20, max_voxels: int = 1 << 21
+) -> float | None:
     """Mean softmax entropy (nats) over the voxels labelled foreground; ``None`` if there are none.
+
+    Large volumes are sampled on a regular sub-grid (every ``s``-th voxel along each axis, at most
+    about ``max_voxels`` voxels): a mean over millions of voxels does not need all of them.
 
     Args:
         probs: ``(K, *spatial)`` probabilities.
         labels: The ``(*spatial)`` label map.
         chunk: Voxels per step (bounds the temporary memory).
+        max_voxels: Voxels to look at, at most (about).
     """
+    step = max(1, math.ceil((labels.size / max_voxels) ** (1 / labels.ndim)))
+    if step > 1:
+        grid = tuple(slice(None, None, step) for _ in range(labels.ndim))
+        probs, labels = probs[(slice(None), *grid)], labels[grid]
     mask = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1) != 0)
     n = int(mask.sum())
     if n == 0:
@@ -216,8 +227,9 @@ class Predictor:
         report = crf_report
         if labels is None:
             assert total is not None
-            probs_src = total / len(self.bundles)
-            labels = probs_src.argmax(0).numpy()
+            probs_src = total if len(self.bundles) == 1 else total.div_(len(self.bundles))
+            labels = argmax_channels(probs_src, torch.uint8 if self.spec.num_classes <= 256 else torch.int32)
+            labels = labels.numpy()
             entropy = foreground_entropy(probs_src, labels)
             if entropy is not None:
                 quality["foreground_entropy"] = entropy
