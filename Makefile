@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,tracking,dicom,plots,distributed,server]'
+	$(PY) -m pip install -q -e '.[dev,tracking,dicom,rtstruct,plots,distributed,server]'
 	touch $(STAMP)
 
 install: $(STAMP)

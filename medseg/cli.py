@@ -199,7 +199,17 @@ def predict(
     ] = None,
     min_slices: Annotated[int, typer.Option(help="Skip DICOM series with fewer files.")] = 1,
     probabilities: Annotated[bool, typer.Option(help="Also write class probabilities.")] = False,
-    export: Annotated[str, typer.Option(help="Extra exports, comma-separated (e.g. volumes).")] = "",
+    export: Annotated[
+        str,
+        typer.Option(
+            help="Exports, comma-separated: nifti, dicom-seg, rtstruct, stats, overlays, "
+            "secondary-capture, report, volumes; 'default' = nifti,dicom-seg,stats,overlays,report "
+            "(each where it applies); 'none'."
+        ),
+    ] = "default",
+    show_patient_info: Annotated[
+        bool, typer.Option(help="Show patient identifiers on the HTML review page (off by default).")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Allow an output folder made with another model.")] = False,
     resume: Annotated[bool, typer.Option(help="Skip finished scans (always on: re-running resumes).")] = True,
     engine: Annotated[
@@ -256,7 +266,8 @@ def predict(
             echo=typer.echo,
             scan_filter=scan_filter,
             keep_probabilities=probabilities,
-            exports=[e for e in export.split(",") if e],
+            exports=_export_names(export),
+            show_patient_info=show_patient_info,
             overwrite=overwrite,
             engine=engine,
             ray_settings=ray_settings,
@@ -453,6 +464,117 @@ def compare(
             )
         console.print(paired)
     typer.echo("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+def _export_names(text: str, batch: bool = True) -> list[str]:
+    """Export names from ``--export`` (``default``, ``none``, or a list); exits 2 for an unknown name.
+
+    ``default`` leaves out, with a note, exports whose optional dependency is not installed; a name
+    asked for explicitly fails instead. ``batch`` also accepts the batch runner's own exports.
+    """
+    from medseg.batch.exports import EXPORTERS
+    from medseg.errors import MedsegError
+    from medseg.export import CASE_EXPORTS, parse_exports
+    from medseg.export.registry import check_dependencies, missing_dependency
+
+    try:
+        names = list(parse_exports(text, known=EXPORTERS if batch else CASE_EXPORTS))
+        if text.strip().lower() == "default":  # the default skips what is not installed, saying so
+            for why in filter(None, map(missing_dependency, names)):
+                typer.echo(f"medseg: note: {why}; skipping it", err=True)
+            return [n for n in names if missing_dependency(n) is None]
+        check_dependencies(names)
+        return names
+    except MedsegError as exc:
+        _fail(str(exc))
+    return []
+
+
+@app.command("export")
+def export_command(
+    out_dir: Annotated[
+        Path | None, typer.Argument(help="A prediction folder (medseg predict's OUT_DIR) to export again.")
+    ] = None,
+    export: Annotated[
+        str | None,
+        typer.Option(
+            help="Exports, comma-separated: nifti, dicom-seg, rtstruct, stats, overlays, secondary-capture, "
+            "report, or 'default' (the default for a prediction folder; with --image: dicom-seg,nifti)."
+        ),
+    ] = None,
+    image: Annotated[
+        Path | None, typer.Option(help="Convert a label map: the DICOM series folder it was drawn on.")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="Convert a label map: the label map (NIfTI, NRRD, MHA) to convert.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Convert a label map: the output folder.")] = None,
+    spec: Annotated[
+        Path | None, typer.Option(help="Data spec (YAML or dataset.json): label names, colours and codes.")
+    ] = None,
+    label_names: Annotated[
+        Path | None,
+        typer.Option(help="Label names instead of a spec: JSON, ITK-SNAP label file, Slicer .ctbl or text."),
+    ] = None,
+    show_patient_info: Annotated[
+        bool, typer.Option(help="Show patient identifiers on the HTML review page.")
+    ] = False,
+) -> None:
+    """Make clinician exports without running a model.
+
+    medseg export OUT_DIR remakes the exports of every segmented case of a prediction folder, then
+    the batch table and review page. medseg export --image SERIES --labels LABELMAP --out DIR turns a
+    label map made elsewhere into a DICOM SEG (and more) for that series. Exit status 1 when some
+    cases failed.
+    """
+    from medseg.errors import MedsegError
+    from medseg.export import convert_label_map, export_folder, label_table, read_label_names
+
+    convert = image is not None or labels is not None
+    if convert and (image is None or labels is None or out is None):
+        _fail("converting a label map needs --image, --labels and --out together")
+    if convert == (out_dir is not None):
+        _fail("give either OUT_DIR (a prediction folder) or --image/--labels/--out (a label map to convert)")
+    if spec is not None and label_names is not None:
+        _fail("give at most one of --spec and --label-names")
+    try:
+        names = _export_names(export or ("dicom-seg,nifti" if convert else "default"), batch=False)
+        table = None
+        if spec is not None:
+            from medseg.export.labels import spec_label_table
+
+            table = spec_label_table(_read_spec(spec))
+        elif label_names is not None:
+            table = label_table(read_label_names(label_names))
+        if convert:
+            assert image is not None
+            assert labels is not None
+            assert out is not None
+            written = convert_label_map(image, labels, out, table=table, exports=names)
+            typer.echo(f"wrote {len(written)} file(s) into {out}: " + ", ".join(p.name for p in written))
+            return
+        assert out_dir is not None
+        done, failed = export_folder(
+            out_dir, names, table=table, show_patient_info=show_patient_info, echo=typer.echo
+        )
+    except MedsegError as exc:
+        _fail(str(exc))
+    where = f"; review page: {out_dir / 'report' / 'index.html'}" if "report" in names else ""
+    typer.echo(f"{done} case(s) exported, {failed} failed{where}")
+    if failed:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _read_spec(path: Path):
+    """A data spec's labels part, without resolving its data (which may be elsewhere)."""
+    from medseg.config.base import read_yaml, validate
+    from medseg.config.spec import DatasetSpec
+
+    if path.suffix == ".json":
+        from medseg.config.msd import spec_from_dataset_json
+
+        return spec_from_dataset_json(path)
+    return validate(DatasetSpec, read_yaml(path), str(path))
 
 
 def main() -> None:

@@ -60,6 +60,7 @@ def run_demo(
         The report (also written to ``out/report.yaml``).
     """
     from medseg.batch.runner import run_prediction
+    from medseg.export import DEFAULT_EXPORTS
     from medseg.synth import generate_dataset
     from medseg.training.baseline import ThresholdBaseline
     from medseg.training.loop import train
@@ -112,7 +113,12 @@ def run_demo(
         if not link.exists():
             link.symlink_to(c.images[0])
     pred_nifti = run_prediction(
-        nifti_in, out / "predictions" / "nifti", [result.bundle], tracking_uri=uri, experiment="medseg-demo"
+        nifti_in,
+        out / "predictions" / "nifti",
+        [result.bundle],
+        tracking_uri=uri,
+        experiment="medseg-demo",
+        exports=DEFAULT_EXPORTS,
     )
     dicom_in = [out / "data" / "dicom" / c.id for c in test_cases]
     pred_dicom = [
@@ -122,6 +128,7 @@ def run_demo(
             [result.bundle],
             tracking_uri=uri,
             experiment="medseg-demo",
+            exports=("dicom-seg", "stats"),
         )
         for d, c in zip(dicom_in, test_cases)
     ]
@@ -159,6 +166,7 @@ def run_demo(
         "data_spec": str(spec_path),
         "model_bundle": str(result.bundle),
         "predictions": str(out / "predictions"),
+        "review_page": str(out / "predictions" / "nifti" / "report" / "index.html"),
         "mlflow_store": uri,
         "mlflow_runs": {
             "train": result.run_id,
@@ -176,7 +184,8 @@ def run_demo(
     echo("")
     echo(f"  data:         {out / 'data'}  (spec: {spec_path})")
     echo(f"  model bundle: {result.bundle}")
-    echo(f"  predictions:  {out / 'predictions'}")
+    echo(f"  predictions:  {out / 'predictions'}  (DICOM SEG beside each DICOM prediction)")
+    echo(f"  review page:  {out / 'predictions' / 'nifti' / 'report' / 'index.html'}")
     echo(f"  MLflow store: {uri}  (runs in experiment 'medseg-demo')")
     echo(f"  browse it:    mlflow ui --backend-store-uri {uri}")
     echo(f"  report:       {out / 'report.yaml'}  (wall time {wall / 60:.1f} min)")

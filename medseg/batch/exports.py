@@ -54,7 +54,7 @@ def _clinician_export(name: str) -> Exporter:
 
         had_facts = (case_dir / CASE_FILE).is_file()
         case = case_from_prediction(image, prediction, job, predictor)
-        written = export_case(case, case_dir, [name])
+        written = export_case(case, case_dir, [name], keep_going=True)
         return [p for p in written if not (had_facts and p == case_dir / CASE_FILE)]
 
     export.__name__ = f"export_{name.replace('-', '_')}"

@@ -175,6 +175,7 @@ def run_prediction(
     ray_settings: RaySettings | None = None,
     crf: bool | None = None,
     postprocess: bool | None = None,
+    show_patient_info: bool = False,
 ) -> BatchSummary:
     """Segment every scan under ``source`` into ``out_dir/<case_id>/labels.nii.gz``.
 
@@ -200,6 +201,7 @@ def run_prediction(
         ray_settings: Cluster address and pool size for the Ray engine.
         crf: Switch the dense CRF on or off (``None``: as the model's pipeline says).
         postprocess: Switch the post-processing chosen at training on or off (``None``: as stored).
+        show_patient_info: Show patient identifiers on the review page (export ``report``).
 
     Returns:
         The :class:`BatchSummary`; ``out_dir/manifest.json`` and ``.csv`` hold the same records.
@@ -309,6 +311,10 @@ def run_prediction(
             }
         )
         run.log_dict({"scans": [_private(e) for e in summary.entries]}, "manifest.json")
+    if exports:  # batch outputs (stats table, review page), and exports for cases kept from earlier runs
+        from medseg.export import finish_batch
+
+        finish_batch(out, exports, predictor=predictor, show_patient_info=show_patient_info, echo=say)
     return summary
 
 

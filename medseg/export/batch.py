@@ -101,7 +101,7 @@ def _regenerate(
         from dataclasses import replace
 
         case = replace(case, algorithm=algorithm)
-    written = export_case(case, out_dir / case_id, names)
+    written = export_case(case, out_dir / case_id, names, keep_going=True)
     _record_outputs(out_dir, case_id, written)
     return written
 
@@ -195,15 +195,20 @@ def export_folder(
         raise InputError(msg)
     done = failed = 0
     for case_id, inputs in cases:
+        say = echo or (lambda _msg: None)
         try:
             written = _regenerate(out, case_id, inputs, names, table, None)
-            done += 1
-            if echo is not None:
-                echo(f"{case_id}: {len(written)} file(s)")
         except Exception as exc:  # one bad case must not stop the others
             failed += 1
-            if echo is not None:
-                echo(f"{case_id}: failed: {exc}")
+            say(f"{case_id}: failed: {exc}")
+            continue
+        errors = read_case_facts(out / case_id).get("errors", {})
+        if errors:
+            failed += 1
+            say(f"{case_id}: failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+        else:
+            done += 1
+            say(f"{case_id}: {len(written)} file(s)")
     batch_outputs(out, names, ReviewSettings(show_patient_info=show_patient_info))
     return done, failed
 

@@ -211,7 +211,11 @@ def read_case_facts(case_dir: Path) -> dict[str, Any]:
 
 
 def write_case_facts(
-    case: CaseExport, case_dir: Path, exports: list[str], not_applicable: list[str] | None = None
+    case: CaseExport,
+    case_dir: Path,
+    exports: list[str],
+    not_applicable: list[str] | None = None,
+    errors: dict[str, str] | None = None,
 ) -> Path:
     """Write ``case.json``: the case's facts and the exports made so far (merged with earlier ones).
 
@@ -220,6 +224,7 @@ def write_case_facts(
         case_dir: Its folder.
         exports: Export names just made.
         not_applicable: Export names asked for that do not apply to this input.
+        errors: Export names that failed just now, with the error.
 
     Returns:
         The path of ``case.json``.
@@ -229,6 +234,8 @@ def write_case_facts(
     facts["exports"] = sorted(set(earlier.get("exports", [])) | set(exports))
     skipped = set(earlier.get("not_applicable", [])) | set(not_applicable or [])
     facts["not_applicable"] = sorted(skipped - set(facts["exports"]))
+    failed = {**earlier.get("errors", {}), **(errors or {})}
+    facts["errors"] = {k: v for k, v in sorted(failed.items()) if k not in exports}
     path = case_dir / CASE_FILE
     atomic_write_text(path, json.dumps(facts, indent=1))
     return path
@@ -277,8 +284,13 @@ def case_from_folder(
     dicom_files: tuple[Path, ...] = ()
     description = str(facts.get("series_description", ""))
     modality = str(facts.get("modality", "OTHER"))
+    was_dicom = facts.get("input_kind") == "dicom"
+    if was_dicom and not (src and all(p.exists() for p in src)):
+        missing = next((p for p in src if not p.exists()), None)
+        msg = f"{case_dir.name}: source DICOM series must still exist for its exports, got missing {missing}"
+        raise InputError(msg)
     if src and all(p.exists() for p in src):
-        is_dicom = facts.get("input_kind") == "dicom" or len(src) > 1 or src[0].is_dir()
+        is_dicom = was_dicom or len(src) > 1 or src[0].is_dir()
         if is_dicom:
             from medseg.io.dicom_series import find_series
 

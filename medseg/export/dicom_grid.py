@@ -57,16 +57,22 @@ def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray:
 def read_headers(files: Sequence[Path]) -> list[pydicom.Dataset]:
     """Read the headers (without pixel data) of DICOM files.
 
+    An empty SpecificCharacterSet (seen in real scanners' files) is dropped: it means the default
+    repertoire, and writers that copy it would refuse the empty value.
+
     Raises:
         InputError: If a file is not readable DICOM.
     """
     out = []
     for f in files:
         try:
-            out.append(pydicom.dcmread(f, stop_before_pixels=True))
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
         except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
             msg = f"{f}: must be a readable DICOM file, got {type(exc).__name__}: {exc}"
             raise InputError(msg) from exc
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+            del ds.SpecificCharacterSet
+        out.append(ds)
     return out
 
 

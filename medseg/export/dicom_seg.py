@@ -12,6 +12,7 @@ gives the same object.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -110,23 +111,25 @@ def build_dicom_seg(case: CaseExport) -> Any:
     content = hashlib.sha256(frames.tobytes()).hexdigest()
     seeds = [str(source.get("SeriesInstanceUID", "")), algo.sha256, content]
     number = int(source.get("SeriesNumber", 0) or 0) + SERIES_NUMBER_OFFSET
-    seg = hd.seg.Segmentation(
-        source_images=list(grid.headers),
-        pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=generate_uid(entropy_srcs=[*seeds, "series"]),
-        series_number=min(number, 2**31 - 1),
-        sop_instance_uid=generate_uid(entropy_srcs=[*seeds, "instance"]),
-        instance_number=1,
-        manufacturer="medseg",
-        manufacturer_model_name=f"medseg {algo.name}"[:_LO],
-        software_versions=algo.version or "unknown",
-        device_serial_number=(algo.sha256 or "0")[:16],
-        content_description=f"medseg {algo.pipeline or algo.name}"[:_LO],
-        content_label="MEDSEG",
-        omit_empty_frames=True,
-    )
+    with warnings.catch_warnings():  # real files hold single-component patient names
+        warnings.filterwarnings("ignore", message=".*intended person name.*")
+        seg = hd.seg.Segmentation(
+            source_images=list(grid.headers),
+            pixel_array=frames,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=generate_uid(entropy_srcs=[*seeds, "series"]),
+            series_number=min(number, 2**31 - 1),
+            sop_instance_uid=generate_uid(entropy_srcs=[*seeds, "instance"]),
+            instance_number=1,
+            manufacturer="medseg",
+            manufacturer_model_name=f"medseg {algo.name}"[:_LO],
+            software_versions=algo.version or "unknown",
+            device_serial_number=(algo.sha256 or "0")[:16],
+            content_description=f"medseg {algo.pipeline or algo.name}"[:_LO],
+            content_label="MEDSEG",
+            omit_empty_frames=True,
+        )
     seg.SeriesDescription = f"medseg segmentation ({algo.name})"[:_LO]
     return seg
 

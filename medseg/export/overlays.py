@@ -27,6 +27,10 @@ OVERLAY_DIR = "overlays"
 VIEWS = ("axial", "coronal", "sagittal")
 _BG = (255, 255, 255)
 _FG = (20, 20, 20)
+PAD = 8
+HEAD = 22
+_LEGEND_LINE = 20
+_LEGEND_ITEM = 170
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,11 @@ def _font(size: int) -> Any:
         return font_mod.load_default()
 
 
+def tile_origin(row: int, view: int, settings: OverlaySettings) -> tuple[int, int]:
+    """The top-left pixel ``(x, y)`` of view ``view`` (0 axial, 1 coronal, 2 sagittal) in row ``row``."""
+    return PAD + view * (settings.tile + PAD), HEAD + row * (settings.tile + HEAD + PAD) + HEAD
+
+
 def montage_pages(case: CaseExport, settings: OverlaySettings | None = None) -> list[np.ndarray]:
     """Render a case's montages as RGB arrays (one per page of labels).
 
@@ -199,26 +208,26 @@ def montage_pages(case: CaseExport, settings: OverlaySettings | None = None) -> 
     if not rows:
         rows = [None]
     font, small = _font(15), _font(12)
-    pad, head, legend_line = 8, 22, 20
-    width = 3 * settings.tile + 4 * pad
+    width = 3 * settings.tile + 4 * PAD
     pages = []
     for start in range(0, len(rows), settings.rows_per_page):
         page_rows = rows[start : start + settings.rows_per_page]
         legend = list(case.label_table)
-        per_line = max(1, width // 170)
-        legend_h = legend_line * (-(-len(legend) // per_line)) + pad
-        height = head + len(page_rows) * (settings.tile + head + pad) + legend_h + pad
+        per_line = max(1, width // _LEGEND_ITEM)
+        legend_h = _LEGEND_LINE * (-(-len(legend) // per_line)) + PAD
+        height = HEAD + len(page_rows) * (settings.tile + HEAD + PAD) + legend_h + PAD
         canvas = image_mod.new("RGB", (width, height), _BG)
         draw = draw_mod.Draw(canvas)
         title = f"{case.case_id}  {case.series_description}".strip()
-        draw.text((pad, 4), title[:90], fill=_FG, font=font)
-        y = head
-        for entry in page_rows:
+        draw.text((PAD, 4), title[:90], fill=_FG, font=font)
+        for r, entry in enumerate(page_rows):
             mask = labels == entry.value if entry is not None else labels > 0
             where = best_slices(mask)
             name = entry.name if entry is not None else "no label found"
-            draw.text((pad, y + 3), name, fill=tuple(entry.color) if entry else _FG, font=font)
-            y += head
+            y = tile_origin(r, 0, settings)[1] - HEAD
+            if entry is not None:
+                draw.rectangle((PAD, y + 5, PAD + 12, y + 17), fill=tuple(entry.color), outline=_FG)
+            draw.text((PAD + 18, y + 3), name, fill=_FG, font=font)
             for v, view in enumerate(VIEWS):
                 idx = where[view]
                 lab2d = _view(labels, view, idx)
@@ -229,7 +238,7 @@ def montage_pages(case: CaseExport, settings: OverlaySettings | None = None) -> 
                     gray = np.zeros(lab2d.shape, dtype=np.uint8)
                 ra, ca = _VIEW_SPACING[view]
                 tile = render_view(gray, lab2d, colors, (spacing[ra], spacing[ca]), settings)
-                x = pad + v * (settings.tile + pad)
+                x, y = tile_origin(r, v, settings)
                 canvas.paste(image_mod.fromarray(tile), (x, y))
                 left, right = _VIEW_SIDES[view]
                 draw.text(
@@ -242,10 +251,9 @@ def montage_pages(case: CaseExport, settings: OverlaySettings | None = None) -> 
                 draw.text(
                     (x + settings.tile - 12, y + settings.tile // 2), right, fill=(255, 255, 0), font=small
                 )
-            y += settings.tile + pad
         for i, e in enumerate(legend):
-            lx = pad + (i % per_line) * 170
-            ly = y + (i // per_line) * legend_line
+            lx = PAD + (i % per_line) * _LEGEND_ITEM
+            ly = tile_origin(len(page_rows), 0, settings)[1] - HEAD + (i // per_line) * _LEGEND_LINE
             draw.rectangle((lx, ly + 3, lx + 12, ly + 15), fill=tuple(e.color), outline=_FG)
             draw.text((lx + 18, ly + 1), f"{e.value} {e.name}"[:22], fill=_FG, font=small)
         pages.append(np.asarray(canvas))

@@ -3,6 +3,7 @@
 A case is flagged when:
 
 * ``failed``: it could not be segmented;
+* ``export-error``: an export failed (the label map is there; ``medseg export`` tries again);
 * ``empty``: no foreground label at all;
 * ``volume``: a label's volume is more than ``volume_ratio`` times above or below the batch
   median of that label (only with at least ``min_cases`` segmented cases; a label missing where
@@ -95,7 +96,7 @@ def case_flags(
     settings = settings or QcSettings()
     if row.get("status") != "ok":
         return [Flag("failed", str(row.get("error") or row.get("status") or "not segmented"))]
-    flags = []
+    flags = [Flag("export-error", f"{name}: {text}") for name, text in (row.get("errors") or {}).items()]
     volumes = row.get("volumes") or {}
     if volumes and not any(v > 0 for v in volumes.values()):
         flags.append(Flag("empty", "no label found (empty prediction)"))

@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, MedsegError
 from medseg.export.case import CaseExport, write_case_facts
 
 CaseWriter = Callable[[CaseExport, Path], list[Path]]
@@ -45,12 +45,14 @@ class ExportKind:
         write: ``write(case, case_dir) -> written paths``.
         dicom_only: Applies only to DICOM inputs.
         summary: One line for help texts.
+        needs: Optional modules it imports, with the medseg extra that installs each.
     """
 
     name: str
     write: CaseWriter
     dicom_only: bool = False
     summary: str = ""
+    needs: tuple[tuple[str, str], ...] = ()
 
 
 CASE_EXPORTS: dict[str, ExportKind] = {}
@@ -59,15 +61,38 @@ DEFAULT_EXPORTS: tuple[str, ...] = ("nifti", "dicom-seg", "stats", "overlays", "
 
 
 def register_case_export(
-    name: str, *, dicom_only: bool = False, summary: str = ""
+    name: str, *, dicom_only: bool = False, summary: str = "", needs: tuple[tuple[str, str], ...] = ()
 ) -> Callable[[CaseWriter], CaseWriter]:
     """Register a case export under ``name`` (a decorator)."""
 
     def decorate(fn: CaseWriter) -> CaseWriter:
-        CASE_EXPORTS[name] = ExportKind(name, fn, dicom_only, summary)
+        CASE_EXPORTS[name] = ExportKind(name, fn, dicom_only, summary, needs)
         return fn
 
     return decorate
+
+
+def missing_dependency(name: str) -> str | None:
+    """Why export ``name`` cannot run here (a sentence naming the extra to install), or ``None``."""
+    import importlib.util
+
+    kind = CASE_EXPORTS.get(name)
+    for module, extra in kind.needs if kind else ():
+        if importlib.util.find_spec(module) is None:
+            return f"export '{name}' needs {module}; install medseg[{extra}]"
+    return None
+
+
+def check_dependencies(names: Sequence[str]) -> None:
+    """Fail before any work when an export's optional dependency is missing.
+
+    Raises:
+        MedsegError: Naming the export, the module and the extra that installs it.
+    """
+    for name in names:
+        why = missing_dependency(name)
+        if why is not None:
+            raise MedsegError(why)
 
 
 def parse_exports(text: str | Sequence[str], known: Collection[str] | None = None) -> tuple[str, ...]:
@@ -104,32 +129,44 @@ def parse_exports(text: str | Sequence[str], known: Collection[str] | None = Non
     return tuple(out)
 
 
-def export_case(case: CaseExport, case_dir: Path, names: Sequence[str]) -> list[Path]:
+def export_case(
+    case: CaseExport, case_dir: Path, names: Sequence[str], *, keep_going: bool = False
+) -> list[Path]:
     """Run exports on one case and record them in ``case.json``.
 
     Args:
         case: The case.
         case_dir: Its output folder (exists).
         names: Export names (see :data:`CASE_EXPORTS`).
+        keep_going: Record a failing export's error in ``case.json`` (``errors``) and go on with
+            the others, instead of raising: a label map is never lost to an export problem, and the
+            review page flags the case.
 
     Returns:
         Every file written, ``case.json`` included.
 
     Raises:
         ConfigError: For an unknown name.
-        MedsegError: When an export fails (e.g. a missing optional dependency).
+        Exception: Whatever a failing export raised, unless ``keep_going``.
     """
     names = parse_exports(list(names))
     written: list[Path] = []
-    done, skipped = [], []
+    done, skipped, errors = [], [], {}
     for name in names:
         kind = CASE_EXPORTS[name]
         if kind.dicom_only and not case.is_dicom:
             skipped.append(name)
             continue
-        written += kind.write(case, Path(case_dir))
+        try:
+            written += kind.write(case, Path(case_dir))
+        except Exception as exc:
+            if not keep_going:
+                raise
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            errors[name] = text if isinstance(exc, MedsegError) else f"{type(exc).__name__}: {text}"
+            continue
         done.append(name)
-    written.append(write_case_facts(case, Path(case_dir), done, skipped))
+    written.append(write_case_facts(case, Path(case_dir), done, skipped, errors))
     return written
 
 
@@ -180,6 +217,13 @@ def _report(case: CaseExport, case_dir: Path) -> list[Path]:
     return [] if (case_dir / STATS_JSON).is_file() else write_stats(case, case_dir)
 
 
+_NEEDS = {
+    "dicom-seg": (("highdicom", "dicom"),),
+    "rtstruct": (("rt_utils", "rtstruct"),),
+    "overlays": (("PIL", "plots"),),
+    "secondary-capture": (("highdicom", "dicom"), ("PIL", "plots")),
+}
+
 for _name, _fn, _dicom, _summary in (
     ("nifti", _nifti, False, "labels.nii.gz with ITK-SNAP and 3D Slicer label tables"),
     ("dicom-seg", _dicom_seg, True, "DICOM SEG referencing the source series"),
@@ -189,4 +233,4 @@ for _name, _fn, _dicom, _summary in (
     ("secondary-capture", _secondary_capture, True, "the montages as DICOM Secondary Capture"),
     ("report", _report, False, "the batch's static HTML review page (OUT/report/)"),
 ):
-    register_case_export(_name, dicom_only=_dicom, summary=_summary)(_fn)
+    register_case_export(_name, dicom_only=_dicom, summary=_summary, needs=_NEEDS.get(_name, ()))(_fn)

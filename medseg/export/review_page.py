@@ -95,6 +95,10 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _entries(out_dir: Path) -> list[dict[str, Any]]:
     """The batch's scans: from ``manifest.json``, else from the case folders' ``result.json``."""
     try:
@@ -155,8 +159,9 @@ def collect_rows(out_dir: Path, settings: ReviewSettings | None = None) -> list[
             "facts": facts,
             "stats": stats,
             "volumes": {r["name"]: float(r["volume_ml"]) for r in stats["labels"]} if stats else None,
-            "quality": facts.get("quality") or {},
-            "refine": facts.get("refine"),
+            "quality": facts.get("quality") or entry.get("quality") or {},
+            "refine": facts.get("refine") or entry.get("refine"),
+            "errors": facts.get("errors") or {},
             "files": sorted(
                 str(Path(p).relative_to(case_id))
                 for p in entry.get("outputs", [])
@@ -258,8 +263,8 @@ def render_case(row: dict[str, Any], settings: ReviewSettings) -> str:
             f"{algo.get('name', '')} ({algo.get('pipeline', '')}), bundle {str(algo.get('sha256', ''))[:16]}",
         ),
     ]
-    info += [(k, str(v)) for k, v in (row["quality"] or {}).items()]
-    info += [(f"refine {k}", str(v)) for k, v in (row["refine"] or {}).items()]
+    info += [(k.replace("_", " "), _fmt(v)) for k, v in (row["quality"] or {}).items()]
+    info += [(f"refine: {k.replace('_', ' ')}", _fmt(v)) for k, v in (row["refine"] or {}).items()]
     info += list(row["patient"].items())
     parts = [
         '<div class="meta"><a href="../index.html">&larr; all cases</a></div>',

@@ -8,6 +8,7 @@ series description and label names, never patient identifiers.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 from medseg.errors import InputError, optional_import
@@ -53,22 +54,25 @@ def write_secondary_capture(
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, page in enumerate(pages):
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=ref,
-            pixel_array=page,
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=series_uid,
-            series_number=number,
-            sop_instance_uid=generate_uid(entropy_srcs=[*seeds, "sc", str(i)]),
-            instance_number=i + 1,
-            manufacturer="medseg",
-            patient_orientation=("L", "P"),
-        )
+        with warnings.catch_warnings():  # real files hold single-component patient names
+            warnings.filterwarnings("ignore", message=".*intended person name.*")
+            sc = hd.sc.SCImage.from_ref_dataset(
+                ref_dataset=ref,
+                pixel_array=page,
+                photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+                bits_allocated=8,
+                coordinate_system=hd.CoordinateSystemNames.PATIENT,
+                series_instance_uid=series_uid,
+                series_number=number,
+                sop_instance_uid=generate_uid(entropy_srcs=[*seeds, "sc", str(i)]),
+                instance_number=i + 1,
+                manufacturer="medseg",
+                patient_orientation=("L", "P"),
+            )
         sc.PatientOrientation = ""  # a montage of several planes has no single orientation
         sc.SeriesDescription = f"medseg overlays ({case.algorithm.name})"[:64]
         sc.BurnedInAnnotation = "NO"
+        sc.Laterality = str(ref.get("Laterality", ""))  # Type 2C: present, empty unless the source says
         dest = folder / f"montage-{i + 1}.dcm"
         with atomic_path(dest) as tmp:
             sc.save_as(tmp, enforce_file_format=True)
