@@ -54,7 +54,8 @@ class RaySettings:
             ``device="cuda"``) hold, and no more than there are scans.
         cpus_per_worker: CPUs each actor reserves (and torch threads it uses).
         gpus_per_worker: GPUs each actor reserves; default 1 for ``device="cuda"``, else 0.
-        max_attempts: Workers a scan may take down before it is recorded as failed.
+        max_attempts: Workers a scan may take down before it is recorded as failed; also the starts a
+            worker may fail before its place in the pool is given up.
     """
 
     address: str | None = None
@@ -88,6 +89,9 @@ class ScanWorker:
     """
 
     def __init__(self, predictor: Any, device: str, threads: int) -> None:
+        if not hasattr(predictor, "bundles"):
+            msg = f"predictor must be a medseg Predictor, got {type(predictor).__name__}"
+            raise TypeError(msg)
         import torch
 
         from medseg.batch.exports import EXPORTERS
@@ -294,10 +298,10 @@ class RayEngine:
             self._fill(slot, queue, in_flight, out)
 
     def _worker_failed_to_start(self, slot: _Slot, exc: Exception, starting: dict) -> None:
-        """A new actor died before it had loaded the model: try again, twice, then give its slot up."""
+        """A new actor died before it had loaded the model: start another, up to ``max_attempts``."""
         self._stop(slot)
         slot.failed_starts += 1
-        if slot.failed_starts < 3:
+        if slot.failed_starts < self.settings.max_attempts:
             self._start(slot)
             starting[slot.ready] = slot
 

@@ -11,7 +11,8 @@ with one GPU per process) that each run :func:`medseg.training.loop.train` with 
 * takes the time budget's clock from rank 0, so every rank sets the same learning rate and stops at
   the same epoch;
 * validates, saves checkpoints and bundles, and logs to MLflow on rank 0 only: one run, whose
-  ``train_loss`` is the mean over the ranks. The other ranks log nothing and leave no files.
+  ``train_loss`` is the mean over the ranks. The other ranks log nothing and leave no files;
+* checks at the end that every rank holds the same weights (bit for bit).
 
 Rank 0's progress and result come back to the calling process through a queue; an error in any rank
 stops them all and is raised here.
@@ -177,6 +178,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _weights_digest(bundle_dir: Path) -> str:
+    """A hash of a bundle's weights (tensor bytes, in state-dict order)."""
+    import hashlib
+
+    from medseg.bundle import load_bundle
+
+    h = hashlib.sha256()
+    for name, tensor in load_bundle(bundle_dir).network.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _rank_main(job: _RankJob, events: Any) -> None:
     """One rank: join the group, train, report to the parent through ``events``."""
     import torch
@@ -212,6 +226,12 @@ def _rank_main(job: _RankJob, events: Any) -> None:
             progress=progress if ctx.is_main else None,
             distributed=ctx,
         )
+        # every rank must end where rank 0 did: gradients were averaged, so the weights agree bit for bit
+        digests: list[Any] = [None] * job.world_size
+        dist.all_gather_object(digests, _weights_digest(job.out_dir / "last"))
+        if len(set(digests)) != 1:
+            msg = f"every rank must end with rank 0's weights, got {len(set(digests))} different sets"
+            raise MedsegError(msg)
         if ctx.is_main:
             events.put(("result", result))
     except BaseException as exc:
