@@ -119,10 +119,11 @@ class DistContext:
 
     def wrap(self, network: torch.nn.Module) -> torch.nn.Module:
         """The network in DistributedDataParallel (gradients averaged over the ranks)."""
+        import torch
         from torch.nn.parallel import DistributedDataParallel
 
         if self.device.startswith("cuda"):
-            return DistributedDataParallel(network, device_ids=[self.device])
+            return DistributedDataParallel(network, device_ids=[torch.device(self.device)])
         return DistributedDataParallel(network)
 
     def _tensor(self, value: float) -> torch.Tensor:
