@@ -202,6 +202,7 @@ class PermutohedralLattice:
         self._order = order.int()
         del order
         self._cache: tuple[tuple[int, bool], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._grid_pair: tuple[torch.Tensor, torch.Tensor] | None = None
         pair_vertex = piece_vertices.view(-1).long()  # pair r * pieces + piece
         del piece_vertices
         v_crow = torch.zeros(m + 1, dtype=torch.int64, device=device)
@@ -301,6 +302,18 @@ class PermutohedralLattice:
         torch.index_select(flat, 0, index, out=grouped.view(-1))
         return self._splat_blur_slice(grouped, pieces, out)
 
+    def _grids(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two ``(n_vertices, c)`` work buffers for the blur, kept for the latest ``c`` only."""
+        c = like.shape[1]
+        pair = self._grid_pair
+        if pair is None or pair[0].shape[1] != c or pair[0].dtype != like.dtype:
+            self._grid_pair = None  # free the old pair first
+            pair = tuple(
+                torch.empty(self.n_vertices, c, dtype=like.dtype, device=like.device) for _ in range(2)
+            )
+            self._grid_pair = pair
+        return pair[0], pair[1]
+
     def filter_ones(self) -> torch.Tensor:
         """``filter`` of all-ones values, ``(N,)`` (no gather needed: ones in any order are ones)."""
         ones = torch.ones(self.n_points, 1, device=self._order.device)
@@ -311,18 +324,20 @@ class PermutohedralLattice:
     def _splat_blur_slice(
         self, grouped: torch.Tensor, pieces: torch.Tensor, out: torch.Tensor | None
     ) -> torch.Tensor:
-        m, c = self.n_vertices, grouped.shape[1]
         # addmm with beta=0 writes straight into its destination (no zero-fill, no copy).
         for r, splat in enumerate(self._splat_pieces):
             torch.addmm(pieces[r], splat, grouped, beta=0.0, out=pieces[r])
-        grid = torch.empty(m, c, dtype=grouped.dtype, device=grouped.device)
-        torch.addmm(grid, self._splat_vertices, pieces.view(-1, c), beta=0.0, out=grid)
-        # Blur along each lattice direction with [1/2, 1, 1/2].
+        grid, spare = self._grids(grouped)
+        torch.addmm(grid, self._splat_vertices, pieces.view(-1, grouped.shape[1]), beta=0.0, out=grid)
+        # Blur along each lattice direction with [1/2, 1, 1/2], between two kept buffers: fresh
+        # lattice-sized tensors every call would be mapped and zeroed by the kernel each time, which
+        # made the cost grow faster than the volume.
         for blur in self._blur:
-            grid = blur @ grid
+            torch.addmm(spare, blur, grid, beta=0.0, out=spare)
+            grid, spare = spare, grid
         # Slice.
         if out is None:
-            out = torch.empty(self.n_points, c, dtype=grouped.dtype, device=grouped.device)
+            out = torch.empty(self.n_points, grouped.shape[1], dtype=grouped.dtype, device=grouped.device)
         return torch.addmm(out, self._slice, grid, beta=0.0, out=out)
 
 
