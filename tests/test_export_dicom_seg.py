@@ -236,3 +236,37 @@ def test_dcmqi_reads_our_seg_back_on_the_source_grid(which: str, request, tmp_pa
     ours = sitk.GetArrayFromImage(exported).transpose(2, 1, 0)
     # segment numbers equal label values here (all labels named, in value order)
     np.testing.assert_array_equal(onto_grid(merged, merged_aff, sitk_affine(exported), ours.shape), ours)
+
+
+def test_real_oblique_mr_frames_equal_each_instances_own_pixels(tmp_path: Path) -> None:
+    """A real, oblique MR series: each SEG frame equals a threshold of its own instance's pixels."""
+    from pydicom.pixels import apply_modality_lut
+
+    from medseg.export import CaseExport, export_case, label_table
+    from medseg.io import load_image
+
+    series = shared("mr_study", "12-T1post-05670")
+    files = sorted(series.iterdir())
+    image = load_image(series)
+    values = image[0].numpy()
+    low, high = np.percentile(values, [90.0, 99.0])
+    labels = ((values > low).astype(np.uint8) + (values > high)).astype(np.uint8)
+    table = label_table({"bright": 1, "brightest": 2})
+    case = CaseExport("mr", labels, np.asarray(image.affine), table, modality="MR", dicom_files=tuple(files))
+    (tmp_path / "out").mkdir()
+    export_case(case, tmp_path / "out", ["dicom-seg"])
+    seg = pydicom.dcmread(tmp_path / "out" / "segmentation.dcm")
+    frames = _frames_by_instance(seg)
+    checked = 0
+    for path in files:
+        ds = pydicom.dcmread(path)
+        px = apply_modality_lut(ds.pixel_array, ds)
+        for number, mask in ((1, (px > low) & ~(px > high)), (2, px > high)):
+            got = frames.get((str(ds.SOPInstanceUID), number))
+            if got is None:
+                assert not mask.any()
+                continue
+            np.testing.assert_array_equal(got, mask.astype(np.uint8))
+            checked += 1
+    assert checked > len(files)
+    assert dciodvfy_errors(tmp_path / "out" / "segmentation.dcm") == []

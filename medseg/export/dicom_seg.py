@@ -53,16 +53,25 @@ def segment_frames(case: CaseExport) -> tuple[Any, np.ndarray]:
     grid = series_grid(case.dicom_files)
     labels = to_grid(case.labels, case.affine, grid.affine, grid.shape, what=f"{case.case_id}: label map")
     values = [e.value for e in case.label_table]
-    present = {int(v) for v in np.unique(labels) if v}
-    unknown = sorted(present - set(values))
-    if unknown:
-        msg = f"{case.case_id}: label map values must be named labels {values}, got unnamed {unknown}"
-        raise InputError(msg)
-    lut = np.zeros(max([*values, *present, 0]) + 1, dtype=np.uint16 if len(values) > 255 else np.uint8)
+    top = int(labels.max()) if labels.size else 0
+    consecutive = values == list(range(1, len(values) + 1))
+    if not consecutive or top > len(values):  # the fast check failed: look at every value present
+        present = {int(v) for v in np.unique(labels) if v}
+        unknown = sorted(present - set(values))
+        if unknown:
+            msg = f"{case.case_id}: label map values must be named labels {values}, got unnamed {unknown}"
+            raise InputError(msg)
+    dtype = np.uint16 if len(values) > 255 else np.uint8
+    lut = np.zeros(max([*values, top, 0]) + 1, dtype=dtype)
     for number, value in enumerate(values, start=1):
         lut[value] = number
-    slices = instance_slices(grid)
-    frames = np.stack([lut[grid.frame(labels, k)] for k in slices])
+    nx, ny, nz = labels.shape
+    filled = labels.reshape(-1, nz).any(axis=0)  # slices holding a label; the others stay zeros
+    frames = np.zeros((nz, ny, nx), dtype=dtype)
+    for j, k in enumerate(instance_slices(grid)):
+        if filled[k]:
+            frame = grid.frame(labels, k)
+            frames[j] = frame if consecutive else lut[frame]
     return grid, frames
 
 

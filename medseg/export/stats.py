@@ -54,27 +54,21 @@ def label_stats(
     from scipy import ndimage
 
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
-    flat = np.asarray(labels).ravel()
-    counts = np.bincount(flat, minlength=max([e.value for e in table] + [0]) + 1)
-    img = None if image is None else np.asarray(image, dtype=np.float64).ravel()
-    sums = sq = None
-    if img is not None:
-        sums = np.bincount(flat, weights=img, minlength=len(counts))
-        sq = np.bincount(flat, weights=img * img, minlength=len(counts))
+    labels = np.asarray(labels)
     structure = np.ones((3, 3, 3), dtype=bool)
-    boxes = ndimage.find_objects(np.asarray(labels))  # bounding box per value, to label only there
+    boxes = ndimage.find_objects(labels) if labels.size else []  # bounding box per value, one pass
     rows = []
     for e in table:
-        n = int(counts[e.value]) if e.value < len(counts) else 0
-        components = 0
-        if n:
-            box = labels[boxes[e.value - 1]]
-            components = int(ndimage.label(box == e.value, structure=structure)[1])
+        box = boxes[e.value - 1] if 0 < e.value <= len(boxes) else None
+        n = components = 0
         mean = std = None
-        if sums is not None and sq is not None and n:
-            m = float(sums[e.value]) / n
-            mean = round(m, 4)
-            std = round(float(np.sqrt(max(float(sq[e.value]) / n - m * m, 0.0))), 4)
+        if box is not None:
+            inside = labels[box] == e.value
+            n = int(inside.sum())
+            components = int(ndimage.label(inside, structure=structure)[1])
+            if image is not None:
+                values = np.asarray(image)[box][inside].astype(np.float64)
+                mean, std = round(float(values.mean()), 4), round(float(values.std()), 4)
         rows.append(
             {
                 "value": e.value,
