@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,20 @@ from medseg.export.dicom_grid import instance_slices, series_grid, to_grid
 from medseg.io.atomic import atomic_path
 
 RTSTRUCT_FILE = "rtstruct.dcm"
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Silence the deprecation notices pydicom 3 gives for rt-utils' old-style dataset setup."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def write_rtstruct(case: CaseExport, out_dir: Path, name: str = RTSTRUCT_FILE) -> list[Path]:
@@ -63,7 +80,7 @@ def write_rtstruct(case: CaseExport, out_dir: Path, name: str = RTSTRUCT_FILE) -
         # rt-utils reads every file of a folder: give it this series only
         for i, f in enumerate(case.dicom_files):
             os.symlink(Path(f).resolve(), Path(tmp) / f"{i:05d}.dcm")
-        with contextlib.redirect_stdout(io.StringIO()):  # rt-utils prints a line per empty slice
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_pydicom():  # rt-utils chatters
             rtstruct = rt_utils.RTStructBuilder.create_new(dicom_series_path=tmp)
             order = [slice_of[str(ds.SOPInstanceUID)] for ds in rtstruct.series_data]
             for entry in present:
