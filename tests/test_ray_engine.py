@@ -7,6 +7,7 @@ shut down at the end.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from medseg.bundle import build_network, save_bundle
 from medseg.cli import app
 from medseg.config.pipeline import PipelineConfig
 from medseg.config.spec import DatasetSpec
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, MedsegError
 from medseg.synth import write_dicom_series, write_nifti
 
 SHAPE = (24, 20, 12)
@@ -127,6 +128,14 @@ def test_settings_and_engine_names_are_checked() -> None:
     done = CliRunner().invoke(app, ["predict", ".", "out", "--model", "m", "--workers", "2"])
     assert done.exit_code == 2
     assert "need --engine ray" in done.output
+
+
+def test_without_ray_the_ray_engine_refuses_to_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if medseg[distributed] were not installed
+    write_nifti(_scan(0), _affine(0), tmp_path / "in" / "a.nii.gz")
+    with pytest.raises(MedsegError, match=r"the Ray batch engine needs ray; install medseg\[distributed\]"):
+        run_prediction(tmp_path / "in", tmp_path / "out", [_unet_bundle(tmp_path / "m")], engine="ray")
+    assert not (tmp_path / "out").exists()  # nothing started: no output folder, no MLflow run
 
 
 @pytest.mark.slow  # starts Ray workers (about 20 s on 2 cores)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from medseg.batch.discover import Scan, ScanFilter, discover
 from medseg.batch.job import TMP_PREFIX, JobResult, ScanJob, completed, input_fingerprint, run_job
 from medseg.batch.manifest import Manifest, check_existing
-from medseg.errors import ConfigError, InputError
+from medseg.errors import ConfigError, InputError, optional_import
 
 if TYPE_CHECKING:
     from medseg.batch.ray_engine import RaySettings
@@ -216,6 +216,8 @@ def run_prediction(
 
     say = echo or (lambda _msg: None)
     engine = Engine.parse(engine)
+    if engine is Engine.RAY:  # before any work: a missing extra is a reason not to start
+        optional_import("ray", "the Ray batch engine", "distributed")
     start = time.perf_counter()
     found = discover(source, scan_filter)
     if not found.scans:
