@@ -245,9 +245,13 @@ def test_review_page_renders_in_headless_chromium(tmp_path: Path) -> None:
     dom = _chromium(["--dump-dom", index.as_uri()], tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert set(re.findall(r'data-case="([^"]+)"', dom.stdout)) == {"a", "b", "c", "d"}
-    assert (
-        len(re.findall(r"<th[ >]", dom.stdout)) == 4 + 2 + 1
-    )  # case, series, modality, status, 2 labels, flags
+    n_columns = len(re.findall(r"<th[ >]", dom.stdout))
+    assert n_columns == 4 + 2 + 1  # case, series, modality, status, 2 labels, flags
+    # the sorting script runs: #sort=-4 opens the page sorted by the organ's volume, largest first
+    by_organ = _chromium(["--dump-dom", index.as_uri() + "#sort=-4"], tmp_path)
+    order = re.findall(r'data-case="([^"]+)"', by_organ.stdout)
+    assert order == ["d", "b", "a", "c"], order
+    assert "sorted-desc" in by_organ.stdout
     from PIL import Image
 
     for page, min_colour in ((index, 0), (out / "report" / "cases" / "d.html", 500)):

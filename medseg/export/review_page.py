@@ -1,8 +1,9 @@
 """A static HTML review page for a batch: ``OUT/report/index.html`` and one page per case.
 
 The index lists every case with its status, series description, volume per label and QC flags
-(:mod:`medseg.export.qc`); clicking a column header sorts the table (a few lines of inline
-JavaScript). Each case page shows the overlay montages, the statistics table and links to every
+(:mod:`medseg.export.qc`), failed and flagged cases first; clicking a column header sorts the
+table (a few lines of inline JavaScript; ``index.html#sort=-4`` opens it sorted by the fifth
+column, descending). Each case page shows the overlay montages, the statistics table and links to every
 exported file. Everything is plain files with relative links, no CDN, no network: the folder
 works offline and inside the batch folder wherever it is copied. Patient identifiers appear only
 when asked for (``show_patient_info``), read from the source DICOM at build time.
@@ -53,7 +54,7 @@ img.montage{max-width:100%;border:1px solid #ccc;margin:4px 0}
 ul.files{font-size:13px}
 """
 
-_SORT_JS = """
+_SORT_JS = r"""
 document.querySelectorAll('table.sortable').forEach(function(table){
   table.querySelectorAll('th').forEach(function(th, col){
     th.addEventListener('click', function(){
@@ -73,6 +74,12 @@ document.querySelectorAll('table.sortable').forEach(function(table){
     });
   });
 });
+// index.html#sort=3 sorts by the 4th column, #sort=-3 the other way round (links that open sorted)
+(function(){
+  var m = /^#sort=(-?)(\d+)$/.exec(window.location.hash);
+  var th = m && document.querySelectorAll('table.sortable')[0].querySelectorAll('th')[+m[2]];
+  if (th) { th.click(); if (m[1]) { th.click(); } }
+})();
 """
 
 
@@ -216,7 +223,8 @@ def render_index(rows: list[dict[str, Any]], settings: ReviewSettings) -> str:
     )
     cells += "<th>flags</th>"
     body_rows = []
-    for row in rows:
+    # what needs a look comes first: failed cases, then flagged ones, then the rest
+    for row in sorted(rows, key=lambda r: (r["status"] == "ok", not r["flags"])):
         cls = "failed" if row["status"] != "ok" else ("flagged" if row["flags"] else "")
         link = f'<a href="cases/{quote(row["case_id"])}.html">{_e(row["case_id"])}</a>'
         status_cls = "ok" if row["status"] == "ok" else "bad"
@@ -239,7 +247,7 @@ def render_index(rows: list[dict[str, Any]], settings: ReviewSettings) -> str:
     body = (
         f"<h1>{_e(settings.title)}</h1>"
         f'<div class="meta">{len(rows)} case(s), {sum(r["status"] == "ok" for r in rows)} segmented, '
-        f"{flagged} flagged for review. Click a column header to sort. Built {when}.</div>"
+        f"{flagged} flagged for review, listed first. Click a column header to sort. Built {when}.</div>"
         f'<table class="sortable" id="cases"><thead><tr>{cells}</tr></thead>'
         f"<tbody>{''.join(body_rows)}</tbody></table>"
     )
