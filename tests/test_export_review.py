@@ -207,6 +207,20 @@ def test_export_converts_a_label_map_for_a_series(tmp_path: Path) -> None:
     uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     assert refs <= uids
     assert (tmp_path / "o" / "labels.itksnap.txt").is_file()
+    nifti = CliRunner().invoke(
+        app,
+        [
+            "export",
+            "--image",
+            str(tmp_path / "lab.nii.gz"),
+            "--labels",
+            str(tmp_path / "lab.nii.gz"),
+            "--out",
+            str(tmp_path / "n"),
+        ],
+    )
+    assert nifti.exit_code == 2
+    assert "need a DICOM series folder" in nifti.output
     usage = CliRunner().invoke(app, ["export", "--image", str(tmp_path / "s")])
     assert usage.exit_code == 2
     assert "--image, --labels and --out" in usage.output
@@ -264,3 +278,18 @@ def test_review_page_renders_in_headless_chromium(tmp_path: Path) -> None:
         # the overlay image shows: pixels in the organ's colour (230, 25, 75), filled or outlined
         organ = (np.abs(pixels - [230, 25, 75]).max(axis=-1) < 40).sum()
         assert organ >= min_colour, (page.name, organ)
+
+
+def test_library_exports_keep_the_volumes_name(tmp_path: Path) -> None:
+    from medseg.batch.runner import run_prediction
+
+    write_nifti(_blocks(8), np.diag([1.0, 1.0, 2.0, 1.0]), tmp_path / "in" / "a.nii.gz")
+    summary = run_prediction(
+        tmp_path / "in", tmp_path / "out", [_bundle(tmp_path / "b")], exports=["volumes", "stats"]
+    )
+    assert summary.ok == 1
+    volumes = json.loads((tmp_path / "out" / "a" / "volumes.json").read_text())
+    stats = json.loads((tmp_path / "out" / "a" / "stats.json").read_text())
+    assert volumes["1"]["voxels"] == stats["labels"][0]["voxels"] == 392
+    assert (tmp_path / "out" / "stats.csv").is_file()
+    assert not (tmp_path / "out" / "report").exists()  # no review page unless asked for

@@ -31,6 +31,8 @@ def export_volumes(case_dir: Path, *, prediction: Any, **_: Any) -> list[Path]:
 
     import numpy as np
 
+    from medseg.io.atomic import atomic_write_text
+
     voxel_ml = abs(float(np.linalg.det(prediction.affine[:3, :3]))) / 1000.0
     counts = np.bincount(np.asarray(prediction.labels).ravel())
     stats = {
@@ -39,7 +41,7 @@ def export_volumes(case_dir: Path, *, prediction: Any, **_: Any) -> list[Path]:
         if v
     }
     path = case_dir / "volumes.json"
-    path.write_text(json.dumps(stats, indent=1), encoding="utf-8")
+    atomic_write_text(path, json.dumps(stats, indent=1))
     return [path]
 
 

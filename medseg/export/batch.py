@@ -288,8 +288,13 @@ def convert_label_map(
         inputs=dicom_files or (image,),
         series_description=str(meta.get("dicom_series_description", "")),
     )
+    wanted = parse_exports(list(exports))
+    dicom_only = [n for n in wanted if CASE_EXPORTS[n].dicom_only]
+    if dicom_only and not dicom_files:
+        msg = f"exports {dicom_only} need a DICOM series folder as --image, got {image}"
+        raise InputError(msg)
     out.mkdir(parents=True, exist_ok=True)
-    return export_case(case, out, exports)
+    return export_case(case, out, wanted)
 
 
 def _version() -> str:
