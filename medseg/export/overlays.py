@@ -109,13 +109,21 @@ _VIEW_SPACING = {"axial": (1, 0), "coronal": (2, 0), "sagittal": (2, 1)}  # (row
 _VIEW_SIDES = {"axial": ("R", "L"), "coronal": ("R", "L"), "sagittal": ("A", "P")}
 
 
-def best_slices(mask: np.ndarray) -> dict[str, int]:
-    """Per view, the slice index where ``mask`` (a RAS volume) has the most voxels (centre if empty)."""
+def best_slices(mask: np.ndarray, offset: tuple[int, int, int] = (0, 0, 0)) -> dict[str, int]:
+    """Per view, the slice index where ``mask`` (a RAS volume) has the most voxels (centre if empty).
+
+    Args:
+        mask: The structure, or the part of the volume around it.
+        offset: Where ``mask`` starts in the volume (indices are returned in the volume).
+
+    Returns:
+        ``{"axial": z, "coronal": y, "sagittal": x}``.
+    """
     out = {}
     for view, axis in _VIEW_AXIS.items():
         other = tuple(a for a in range(3) if a != axis)
         area = mask.sum(axis=other)
-        out[view] = int(np.argmax(area)) if area.any() else mask.shape[axis] // 2
+        out[view] = offset[axis] + (int(np.argmax(area)) if area.any() else mask.shape[axis] // 2)
     return out
 
 
@@ -203,7 +211,10 @@ def montage_pages(case: CaseExport, settings: OverlaySettings | None = None) -> 
     colors = np.zeros((top + 1, 3), dtype=np.uint8)
     for e in case.label_table:
         colors[e.value] = e.color
-    present = {int(v) for v in np.unique(labels) if v}
+    from scipy import ndimage
+
+    boxes = ndimage.find_objects(labels) if labels.size else []
+    present = {v + 1 for v, box in enumerate(boxes) if box is not None}
     rows: list[LabelEntry | None] = [e for e in case.label_table if e.value in present]
     if not rows:
         rows = [None]
@@ -221,8 +232,11 @@ def montage_pages(case: CaseExport, settings: OverlaySettings | None = None) -> 
         title = f"{case.case_id}  {case.series_description}".strip()
         draw.text((PAD, 4), title[:90], fill=_FG, font=font)
         for r, entry in enumerate(page_rows):
-            mask = labels == entry.value if entry is not None else labels > 0
-            where = best_slices(mask)
+            if entry is not None:  # look only inside the label's bounding box
+                box = boxes[entry.value - 1]
+                where = best_slices(labels[box] == entry.value, tuple(b.start for b in box))
+            else:
+                where = best_slices(labels > 0)
             name = entry.name if entry is not None else "no label found"
             y = tile_origin(r, 0, settings)[1] - HEAD
             if entry is not None:
