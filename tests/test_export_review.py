@@ -207,6 +207,26 @@ def test_export_converts_a_label_map_for_a_series(tmp_path: Path) -> None:
     uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     assert refs <= uids
     assert (tmp_path / "o" / "labels.itksnap.txt").is_file()
+    spec = {
+        "name": "t",
+        "channels": [{"name": "mr", "modality": "MR"}],
+        "labels": LABELS,
+        "label_codes": {
+            "organ": {
+                "category": {"value": "123037004", "meaning": "Anatomical Structure"},
+                "property_type": {"value": "10200004", "meaning": "Liver"},
+            }
+        },
+        "cases": [],
+    }
+    (tmp_path / "spec.yaml").write_text(json.dumps(spec))  # JSON is YAML
+    args = ["--labels", str(tmp_path / "lab.nii.gz"), "--out", str(tmp_path / "sp"), "--export", "dicom-seg"]
+    with_spec = CliRunner().invoke(
+        app, ["export", "--image", str(tmp_path / "s"), *args, "--spec", str(tmp_path / "spec.yaml")]
+    )
+    assert with_spec.exit_code == 0, with_spec.output
+    seg = pydicom.dcmread(tmp_path / "sp" / "segmentation.dcm")
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Liver"
     nifti = CliRunner().invoke(
         app,
         [
