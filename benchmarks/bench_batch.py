@@ -3,8 +3,18 @@
 Prints one JSON line with ``scans_per_hour``, ``total_s``, ``model_s`` (sum of pure network time),
 ``outside_model_s_per_scan`` and ``overhead_ratio`` = total_s / model_s (target <= 1.15 on 2 cores).
 
+With ``--engine ray`` the same folder and model go through the local runner and then through the Ray
+engine (a local Ray instance started before the clock runs, as a cluster would be; the workers'
+start-up and model loading are timed), and the line holds both and ``ray_vs_local_throughput``
+(target >= 0.85 on 2 cores). With several workers, ``outside_model_s_per_scan`` counts worker-seconds:
+(total_s * workers - model_s) / scans, and ``overhead_ratio`` is total_s * workers / model_s;
+``workers_start_s`` is how long the pool took to start (workers importing torch and loading the model,
+paid once per batch) and ``scans_per_hour_after_start`` the throughput without it.
+Each Ray worker uses one CPU and one torch thread; ``--threads`` sets the local runner's torch threads
+(default: torch's, one per core), e.g. ``--threads 1`` for the same arithmetic as a Ray worker.
+
 Usage:
-    .venv/bin/python benchmarks/bench_batch.py [--model demo_out/model/bundle] [--quick]
+    .venv/bin/python benchmarks/bench_batch.py [--model demo_out/model/bundle] [--quick] [--engine ray]
 
 Without ``--model`` an untrained bundle of the demo's pipeline is used: the same network and the same
 cost per scan as the trained demo model.
@@ -14,13 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from medseg.batch.runner import run_prediction
+from medseg.batch.runner import BatchSummary, run_prediction
 from medseg.bundle import build_network, save_bundle
 from medseg.config.spec import DatasetSpec
 from medseg.demo import demo_pipeline
@@ -38,6 +50,26 @@ def make_folder(root: Path, n: int, shape: tuple[int, int, int], spacing: float)
             write_dicom_series(image, affine, root / f"ct{i:02d}", patient_name=f"Bench^{i}")
 
 
+def report(summary: BatchSummary, total: float) -> dict:
+    """Throughput and time outside the network of one run."""
+    n = summary.ok + summary.failed
+    worker_s = total * summary.workers
+    return {
+        "engine": summary.engine,
+        "workers": summary.workers,
+        "scans": n,
+        "failed": summary.failed,
+        "scans_per_hour": round(3600 * n / total, 1),
+        "total_s": round(total, 2),
+        "model_s": round(summary.model_seconds, 2),
+        "outside_model_s_per_scan": round((worker_s - summary.model_seconds) / n, 3),
+        "overhead_ratio": round(worker_s / summary.model_seconds, 3),
+        "workers_start_s": round(summary.start_seconds, 2),
+        "scans_per_hour_after_start": round(3600 * n / (total - summary.start_seconds), 1),
+        "torch_threads": torch.get_num_threads() if summary.engine == "local" else 1,
+    }
+
+
 def main() -> None:
     """Write the folder (once), run the batch, print the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,7 +77,11 @@ def main() -> None:
     parser.add_argument("--scans", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="128x128x100 scans instead of 256x256x200")
     parser.add_argument("--workdir", default=None, help="keep the scans here between runs")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: compare both")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the local runner")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shape = (128, 128, 100) if args.quick else (256, 256, 200)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="medseg-bench-batch-"))
     scans = work / f"scans_{shape[0]}_{args.scans}"
@@ -56,25 +92,29 @@ def main() -> None:
         cfg = demo_pipeline(1.0)
         spec = DatasetSpec.model_validate({**dataset_spec("bench", "CT"), "case_patterns": None, "cases": []})
         model = str(save_bundle(work / "untrained", cfg, spec, build_network(cfg, spec)))
-    out = work / f"out_{time.time_ns()}"
-    t0 = time.perf_counter()
-    summary = run_prediction(scans, out, [model], tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
-    total = time.perf_counter() - t0
-    n = summary.ok + summary.failed
-    print(
-        json.dumps(
-            {
-                "scans": n,
-                "failed": summary.failed,
-                "shape": list(shape),
-                "scans_per_hour": round(3600 * n / total, 1),
-                "total_s": round(total, 2),
-                "model_s": round(summary.model_seconds, 2),
-                "outside_model_s_per_scan": round((total - summary.model_seconds) / n, 3),
-                "overhead_ratio": round(total / summary.model_seconds, 3),
-            }
-        )
-    )
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    engines = ["local", "ray"] if args.engine == "ray" else ["local"]
+    results = {}
+    try:
+        for engine in engines:
+            if engine == "ray":  # started after the local run, so that it cannot slow that one down
+                import ray
+
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
+            out = work / f"out_{engine}_{time.time_ns()}"
+            t0 = time.perf_counter()
+            summary = run_prediction(scans, out, [model], tracking_uri=uri, engine=engine)
+            results[engine] = report(summary, time.perf_counter() - t0)
+    finally:
+        if "ray" in engines:
+            import ray
+
+            ray.shutdown()
+    if args.engine == "local":
+        print(json.dumps({**results["local"], "shape": list(shape)}))
+        return
+    ratio = results["ray"]["scans_per_hour"] / results["local"]["scans_per_hour"]
+    print(json.dumps({"shape": list(shape), **results, "ray_vs_local_throughput": round(ratio, 3)}))
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ def test_ray_matches_the_local_runner_byte_for_byte(
     # re-running resumes on Ray as locally: the finished scans are kept, the failed ones retried
     again = run_prediction("in", "out_ray", [bundle], exports=["volumes"], engine="ray")
     assert (again.reused, again.ok, again.failed, again.workers) == (5, 5, 3, 2)
+    assert 0 < again.start_seconds < again.seconds
     assert not list(Path("out_ray").glob(".tmp-*"))
 
 

@@ -30,6 +30,7 @@ import collections
 import contextlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -143,6 +144,8 @@ class RayEngine:
         workers: Actors in the pool (known once :meth:`results` has started).
         retried: Jobs sent again because their worker died.
         replaced: Workers replaced after dying.
+        start_seconds: Seconds from the start of :meth:`results` until every first worker had loaded
+            the model (the pool's start-up cost).
     """
 
     def __init__(self, predictor: Any, *, device: str = "cpu", settings: RaySettings | None = None) -> None:
@@ -153,6 +156,7 @@ class RayEngine:
         self.workers = 0
         self.retried = 0
         self.replaced = 0
+        self.start_seconds = 0.0
         self._started_ray = False
         self._predictor_ref: Any = None
         self._run_tag = uuid.uuid4().hex[:8]
@@ -221,6 +225,7 @@ class RayEngine:
         if not jobs:
             return
         ray = self.ray
+        t0 = time.perf_counter()
         self._connect()
         self._predictor_ref = ray.put(self.predictor)
         out = str(Path(out_root).resolve())
@@ -247,6 +252,8 @@ class RayEngine:
                         self._worker_failed_to_start(slot, exc, starting)
                         continue
                     slot.ready, slot.failed_starts = None, 0
+                    if not self.replaced and all(s.ready is None for s in slots):
+                        self.start_seconds = time.perf_counter() - t0
                     self._fill(slot, queue, in_flight, out)
                     continue
                 slot, generation, job, attempt = in_flight.pop(ref)

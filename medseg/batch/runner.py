@@ -76,6 +76,7 @@ class BatchSummary:
         engine: The engine that ran the jobs.
         workers: Jobs that ran at once (the Ray actor pool's size; 1 for the local engine).
         retried: Jobs run again because their Ray worker died.
+        start_seconds: Seconds until every Ray worker had loaded the model (0 for the local engine).
     """
 
     ok: int = 0
@@ -89,6 +90,7 @@ class BatchSummary:
     engine: str = "local"
     workers: int = 1
     retried: int = 0
+    start_seconds: float = 0.0
 
 
 def _load(scan: Scan) -> Any:
@@ -295,8 +297,15 @@ def run_prediction(
                 run.log_metrics({"scans_done": i + 1, "scans_failed": failed}, step=i + 1)
         if ray_engine is not None:
             summary.workers, summary.retried = ray_engine.workers, ray_engine.retried
+            summary.start_seconds = ray_engine.start_seconds
             run.log_params({"ray_workers": ray_engine.workers})
-            run.log_metrics({"scans_retried": ray_engine.retried, "workers_replaced": ray_engine.replaced})
+            run.log_metrics(
+                {
+                    "scans_retried": ray_engine.retried,
+                    "workers_replaced": ray_engine.replaced,
+                    "workers_start_s": ray_engine.start_seconds,
+                }
+            )
         counts = manifest.counts()
         summary.ok, summary.failed = counts["ok"], counts["failed"]
         summary.entries = list(manifest.entries.values())
