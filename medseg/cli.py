@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -110,6 +110,9 @@ def train(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
     epochs: Annotated[int | None, typer.Option(help="Override the number of epochs.")] = None,
+    minutes: Annotated[float | None, typer.Option(help="Override the training time budget.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the random seed.")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "medseg",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     register: Annotated[
@@ -138,8 +141,10 @@ def train(
         torch.set_num_threads(threads)
     try:
         cfg = load_pipeline(pipeline)
-        if epochs is not None:
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+        overrides = {"epochs": epochs, "max_minutes": minutes, "seed": seed}
+        update = {k: v for k, v in overrides.items() if v is not None}
+        if update:
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
         loaded = load_spec(data, data_root)
     except MedsegError as exc:
         _fail(str(exc))
@@ -162,10 +167,18 @@ def train(
                 device=device,
                 progress=progress,
                 threads=threads,
+                experiment=experiment,
             )
         else:
             result = run_training(
-                cfg, loaded, out, fold=fold, resume=resume, device=device, progress=progress
+                cfg,
+                loaded,
+                out,
+                fold=fold,
+                resume=resume,
+                device=device,
+                progress=progress,
+                experiment=experiment,
             )
     except MedsegError as exc:
         _fail(str(exc))
@@ -288,7 +301,7 @@ def predict(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo_out"),
     cases: Annotated[int, typer.Option(help="Synthetic cases (training + validation + test).")] = 20,
-    minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 6.0,
+    minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 7.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Synthetic data → training → prediction (NIfTI and DICOM) → MLflow, end to end, with a report."""
@@ -330,6 +343,14 @@ def evaluate(
     ] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda (with --model).")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (with --model).")] = None,
+    crf: Annotated[
+        bool | None,
+        typer.Option("--crf/--no-crf", help="With --model: the dense CRF on or off (default: as stored)."),
+    ] = None,
+    postprocess: Annotated[
+        bool | None,
+        typer.Option("--postprocess/--no-postprocess", help="With --model: post-processing on or off."),
+    ] = None,
 ) -> None:
     """Score predictions (a folder, or a model run now) against a spec's labels; log an MLflow evaluate run.
 
@@ -360,6 +381,8 @@ def evaluate(
                 device=device,
                 save_dir=save,
                 echo=typer.echo,
+                crf=crf,
+                postprocess=postprocess,
             )
         else:
             assert pred is not None
@@ -414,6 +437,16 @@ def compare(
     out: Annotated[Path, typer.Option(help="Folder for runs.csv, paired.csv and PNG plots.")] = Path(
         "comparison"
     ),
+    group_by: Annotated[
+        str | None,
+        typer.Option(
+            help="Group runs into variants by these params (comma-separated, e.g. "
+            "pipeline,refine.crf.enabled): mean ± sd over seeds/folds, differences to --baseline-group."
+        ),
+    ] = None,
+    baseline_group: Annotated[
+        str | None, typer.Option(help="The baseline variant: its params' values joined by ' | '.")
+    ] = None,
 ) -> None:
     """Compare MLflow runs: differing params, metrics (mean ± sd), paired per-case tests, plots."""
     from rich.console import Console
@@ -435,6 +468,12 @@ def compare(
             max_runs=max_runs,
         )
         files = write_comparison(comp, out)
+        grouped = None
+        if group_by:
+            from medseg.evaluation.groups import group_runs, write_groups
+
+            grouped = group_runs(comp, group_by.split(","), baseline_group)
+            files.update(write_groups(grouped, out))
     except MedsegError as exc:
         _fail(str(exc))
     console = Console(width=max(120, Console().width))
@@ -463,7 +502,33 @@ def compare(
                 f"{p.p_ttest:.3g}",
             )
         console.print(paired)
+    if grouped is not None:
+        console.print(_group_table(grouped))
     typer.echo("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+def _group_table(grouped: Any) -> Any:
+    """The variants table: per group and metric ``mean ± sd (n)``, difference to the baseline."""
+    from rich.table import Table
+
+    metrics = list(dict.fromkeys(s.metric for s in grouped.stats))
+    table = Table(title=f"variants by {', '.join(grouped.by)} (baseline: {grouped.baseline})")
+    table.add_column("variant", overflow="fold")
+    for m in metrics:
+        table.add_column(m, overflow="fold")
+    for name in grouped.groups:
+        cells = [name]
+        for m in metrics:
+            st = grouped.stat(name, m)
+            d = next((x for x in grouped.diffs if x.group == name and x.metric == m), None)
+            text = "" if st is None else f"{st.mean:.4f} ± {st.sd:.4f} ({st.n_runs})"
+            if d is not None:
+                mark = {True: " *", False: "", None: " ?"}[d.beyond_noise]
+                text += f"  Δ {d.diff:+.4f}{mark}"
+            cells.append(text)
+        table.add_row(*cells)
+    table.caption = "Δ: difference of means to the baseline; * larger than twice the seed noise"
+    return table
 
 
 def _export_names(text: str, batch: bool = True) -> list[str]:

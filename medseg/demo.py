@@ -43,7 +43,7 @@ def run_demo(
     out: str | Path,
     *,
     cases: int = 20,
-    minutes: float = 6.0,
+    minutes: float = 7.0,
     seed: int = 0,
     echo: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
