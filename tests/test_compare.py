@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -221,46 +213,17 @@ def test_compare_rejects_unknown_runs_and_baselines() -> None:
 # --- against a real tracking server ------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-            if answer.status == 200:
-                return
-        time.sleep(0.5)
-    pytest.fail(f"mlflow server did not answer within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.mark.slow  # starts an MLflow tracking server (about 15 s)
 def test_evaluate_and_compare_against_an_mlflow_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    from server_helpers import mlflow_server
+
     artifacts = tmp_path / "server-artifacts"
-    log = tmp_path / "server.log"
-    cmd = [
-        *(sys.executable, "-m", "mlflow", "server"),
-        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-        *("--backend-store-uri", f"sqlite:///{(tmp_path / 'server.db').as_posix()}"),
-        *("--artifacts-destination", artifacts.as_uri()),
-    ]
     for name in ("NO_PROXY", "no_proxy"):  # loopback traffic must not go through a proxy
         monkeypatch.setenv(name, "127.0.0.1,localhost")
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        _wait_healthy(url, proc, log)
+    backend = f"sqlite:///{(tmp_path / 'server.db').as_posix()}"
+    with mlflow_server(backend, artifacts, tmp_path / "server.log") as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         experiment = "served"
         _, _, id_good, id_bad = _log_two_evaluations(tmp_path, experiment)
@@ -281,15 +244,6 @@ def test_evaluate_and_compare_against_an_mlflow_server(
         assert all(p.n == len(CASES) for p in comp.paired)
         files = write_comparison(comp, tmp_path / "cmp")
         _check_png(files["metrics.png"])
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
 
 
 def test_group_by_variant_pools_seeds_and_tests_against_seed_noise(tmp_path: Path) -> None:
