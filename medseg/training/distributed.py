@@ -33,6 +33,7 @@ import queue
 import random
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -192,6 +193,28 @@ def _weights_digest(bundle_dir: Path) -> str:
     return h.hexdigest()
 
 
+def _rank_entry(job: _RankJob, events: Any) -> None:
+    """A rank's process: :func:`_rank_main`, then leave without the interpreter's teardown.
+
+    Tearing down the interpreter while gloo's and torch's C++ threads still exist sometimes aborts
+    the process ("terminate called without an active exception", exit code -6) after it has done
+    all its work; so the rank flushes its messages and output and exits at once.
+    """
+    code = 1
+    try:
+        _rank_main(job, events)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        with contextlib.suppress(Exception):
+            events.close()
+            events.join_thread()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _rank_main(job: _RankJob, events: Any) -> None:
     """One rank: join the group, train, report to the parent through ``events``."""
     import torch
@@ -345,7 +368,7 @@ def train_distributed(
             experiment=experiment,
         )
         procs.append(
-            ctx.Process(target=_rank_main, args=(job, events), daemon=True, name=f"medseg-rank{rank}")
+            ctx.Process(target=_rank_entry, args=(job, events), daemon=True, name=f"medseg-rank{rank}")
         )
     result: TrainResult | None = None
     errors: list[tuple[int, str, str]] = []
