@@ -193,15 +193,7 @@ class Predictor:
                 mapping = self._source_mapping(grid, source, pre)
             if mapping is not None:
                 sink = SourceGridLabels(mapping)
-                result = infer(
-                    bundle.network,
-                    grid,
-                    replace(settings, memory="bounded"),
-                    plan=plan,
-                    output=None,
-                    sinks=[sink],
-                    device=self.device,
-                )
+                result = self._infer_into(bundle, grid, settings, plan, sink)
                 labels = sink.result().numpy()
                 t3 = time.perf_counter()
                 t2 = t3 - result.timings["finalize"]
@@ -252,6 +244,20 @@ class Predictor:
             quality=quality,
         )
 
+    def _infer_into(
+        self, bundle: Bundle, grid: MetaTensor, settings: TilingSettings, plan: Any, sink: Any
+    ) -> Any:
+        """Memory-bounded tiled inference whose finished slabs go to ``sink`` only."""
+        return infer(
+            bundle.network,
+            grid,
+            replace(settings, memory="bounded"),
+            plan=plan,
+            output=None,
+            sinks=[sink],
+            device=self.device,
+        )
+
     def _normalized(self, source: MetaTensor) -> torch.Tensor:
         """The source image normalised as the (first) bundle's preprocessing does (for the CRF)."""
         norm = next(t for t in self._preprocess[0].transforms if isinstance(t, NormalizeChannelsd))
@@ -270,15 +276,7 @@ class Predictor:
         grid = sample["image"]
         with tempfile.TemporaryDirectory(prefix="medseg-probabilities-") as tmp:
             writer = ProbabilityWriter(Path(tmp) / "probabilities.npy", grid.shape[1:])
-            infer(
-                bundle.network,
-                grid,
-                replace(settings, memory="bounded"),
-                plan=plan,
-                output=None,
-                sinks=[writer],
-                device=self.device,
-            )
+            self._infer_into(bundle, grid, settings, plan, writer)
             t_model = time.perf_counter()
             probs = np.load(writer.path, mmap_mode="r")
             on_grid, report = refine(
