@@ -16,9 +16,10 @@ implementations and the fastest round of each is kept (the machine may be shared
 torch's default threads (one per core) and, for reference, on one thread (``medseg_1thread_s``): on a
 loaded machine OpenMP threads wait on each other, which one thread avoids. The peak resident memory of
 each worker process is reported, and the part of it the refinement itself added; ``load_average``
-is the machine's 1-minute load before and after. With ``--tune-malloc`` both workers run with glibc's
-mmap and trim thresholds raised (``worker_env``), so that large freed blocks are reused instead of being
-mapped afresh and zeroed by the kernel, which otherwise dominates at 256^3 on some machines.
+is the machine's 1-minute load before and after. medseg keeps freed memory for reuse while it refines
+(:mod:`medseg.refine.memory`); with ``--tune-malloc`` both workers run with glibc's mmap and trim
+thresholds raised through the environment (``worker_env``), which gives pydensecrf the same (and makes
+medseg's own setting step aside).
 
 One JSON line is printed, with ``medseg_s``, ``pydensecrf_s`` and ``time_ratio`` at 128^3, ``scaling``
 (medseg at 256^3 over medseg at 128^3; linear cost gives about 8), ``changed_iou`` (the voxels each

@@ -46,7 +46,9 @@ class Prediction:
         affine: The source grid's RAS+ affine (as loaded from disk).
         probabilities: ``(K, X, Y, Z)`` class probabilities on the source grid, if kept (before
             refinement).
-        seconds: Wall time per step.
+        seconds: Wall time per step: ``preprocess``, ``model`` (tiled inference: cutting windows, the
+            network, stitching), ``network`` (the forward passes alone), ``to_source`` and, when they
+            ran, ``refine`` and ``postprocess``.
         refine: What refinement changed (:class:`~medseg.refine.RefineReport`), or ``None`` if
             neither the CRF nor post-processing ran.
         quality: Facts for review: ``foreground_entropy``, the mean softmax entropy (in nats) over
@@ -59,6 +61,12 @@ class Prediction:
     seconds: dict[str, float] = field(default_factory=dict)
     refine: Any = None
     quality: dict[str, float] = field(default_factory=dict)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every value is finite: one reduction (NaN and inf propagate into the sum), and the
+    exact check only when the sum itself is not finite (say an overflow of huge finite values)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def foreground_entropy(
@@ -163,7 +171,7 @@ class Predictor:
             msg = f"image must have {n_channels} channel(s) as the model was trained, got {image.shape[0]}"
             raise InputError(msg)
         source = MetaTensor(image.as_tensor().float(), meta=dict(image.meta))
-        if not torch.isfinite(source.as_tensor()).all():
+        if not _all_finite(source.as_tensor()):
             msg = "image voxels must be finite, got NaN or inf values"
             raise InputError(msg)
         seconds: dict[str, float] = {}
@@ -184,7 +192,7 @@ class Predictor:
             if bounded and crf_on:
                 # large volume with the CRF: probabilities memory-mapped on disk, refined block by
                 # block on the preprocessed grid, labels taken back to the source grid
-                labels, crf_report, t2 = self._refine_on_grid(bundle, sample, pre, settings, plan)
+                labels, crf_report, t2, result = self._refine_on_grid(bundle, sample, pre, settings, plan)
                 t3 = time.perf_counter()
                 seconds["refine"] = crf_report.crf_seconds
             elif bounded:
@@ -208,6 +216,7 @@ class Predictor:
                 total = back if total is None else total + back
             seconds["preprocess"] = seconds.get("preprocess", 0.0) + t1 - t0
             seconds["model"] = seconds.get("model", 0.0) + t2 - t1
+            seconds["network"] = seconds.get("network", 0.0) + result.timings["forward"]
             seconds["to_source"] = seconds.get("to_source", 0.0) + t3 - t2 - seconds.get("refine", 0.0)
         dtype = np.uint8 if self.spec.num_classes < 256 else np.uint16
         affine = np.asarray(image.affine, dtype=np.float64)
@@ -266,17 +275,17 @@ class Predictor:
 
     def _refine_on_grid(
         self, bundle: Bundle, sample: dict[str, Any], pre: Any, settings: TilingSettings, plan: Any
-    ) -> tuple[np.ndarray, RefineReport, float]:
+    ) -> tuple[np.ndarray, RefineReport, float, Any]:
         """Bounded mode with the CRF: probabilities to a memory-mapped file, CRF, labels to source.
 
         Returns:
-            The labels on the source grid, the CRF's report (on the preprocessed grid) and the time
-            at which the network had finished.
+            The labels on the source grid, the CRF's report (on the preprocessed grid), the time at
+            which the network had finished and the tiling result (its timings).
         """
         grid = sample["image"]
         with tempfile.TemporaryDirectory(prefix="medseg-probabilities-") as tmp:
             writer = ProbabilityWriter(Path(tmp) / "probabilities.npy", grid.shape[1:])
-            self._infer_into(bundle, grid, settings, plan, writer)
+            result = self._infer_into(bundle, grid, settings, plan, writer)
             t_model = time.perf_counter()
             probs = np.load(writer.path, mmap_mode="r")
             on_grid, report = refine(
@@ -289,7 +298,7 @@ class Predictor:
             del probs
         labels = torch.from_numpy(on_grid.astype(np.int32))[None]
         back = invert_to_source(labels, sample, pre, mode="nearest")
-        return back.as_tensor()[0].numpy(), report, t_model
+        return back.as_tensor()[0].numpy(), report, t_model, result
 
     @staticmethod
     def _source_mapping(grid: MetaTensor, source: MetaTensor, pre: Any) -> SourceMapping | None:

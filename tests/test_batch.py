@@ -254,6 +254,40 @@ def test_changed_input_is_redone(tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_image(tmp_path / "out" / "a" / "labels.nii.gz")[0].numpy(), _vol(2))
 
 
+def test_overlapped_batch_matches_a_sequential_one(tmp_path: Path) -> None:
+    # loading the next scan and writing the last one in background threads changes nothing but time
+    for i in range(4):
+        write_nifti(_vol(i), _aff(), tmp_path / "in" / f"s{i}.nii.gz")
+    (tmp_path / "in" / "broken.nii.gz").write_bytes(b"not a scan")
+    bundle = _bundle(tmp_path / "b")
+    runs = {
+        mode: run_prediction(
+            tmp_path / "in", tmp_path / mode, [bundle], prefetch=mode == "overlap", keep_probabilities=True
+        )
+        for mode in ("overlap", "sequential")
+    }
+    order = [e["case_id"] for e in runs["sequential"].entries]
+    assert [e["case_id"] for e in runs["overlap"].entries] == order
+    for a, b in zip(runs["overlap"].entries, runs["sequential"].entries):
+        assert (a["status"], a["error"], a["outputs"]) == (b["status"], b["error"], b["outputs"])
+        assert {"preprocess", "model", "network", "write", "total"} <= set(a["seconds"]) or a["error"]
+        for rel in a["outputs"]:
+            np.testing.assert_array_equal(
+                nib.load(tmp_path / "overlap" / rel).get_fdata(),
+                nib.load(tmp_path / "sequential" / rel).get_fdata(),
+            )
+    assert (runs["overlap"].ok, runs["overlap"].failed) == (4, 1)
+    assert all(
+        len(e["outputs"]) == 2 for e in runs["overlap"].entries if e["status"] == "ok"
+    )  # + probabilities
+    assert (
+        0
+        < runs["overlap"].model_seconds
+        < sum(e["seconds"]["model"] for e in runs["overlap"].entries if e["outputs"])
+    )
+    assert not list((tmp_path / "overlap").glob(".tmp-*"))
+
+
 def test_discovery_filters(tmp_path: Path) -> None:
     write_dicom_series(_vol(1), _aff(), tmp_path / "mr", modality="MR", series_description="T1 post")
     write_dicom_series(_vol(2), _aff(), tmp_path / "ct", modality="CT", series_description="abdomen")

@@ -121,6 +121,27 @@ def test_label_map_written_with_small_dtype(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(loaded.dataobj), labels)
 
 
+def test_written_nifti_gz_is_plain_gzip_of_the_uncompressed_file(tmp_path: Path) -> None:
+    import gzip
+
+    from medseg.io.write import write_probabilities
+
+    labels = np.zeros((30, 20, 10), dtype=np.uint8)
+    labels[5:25, 4:16, 2:8] = 3
+    write_label_map(labels, AFFINES["lps"], tmp_path / "lab.nii.gz")
+    write_volume(labels, AFFINES["lps"], tmp_path / "lab.nii")
+    assert gzip.decompress((tmp_path / "lab.nii.gz").read_bytes()) == (tmp_path / "lab.nii").read_bytes()
+    write_label_map(labels, AFFINES["lps"], tmp_path / "again.nii.gz")  # reproducible bytes
+    assert (tmp_path / "again.nii.gz").read_bytes() == (tmp_path / "lab.nii.gz").read_bytes()
+    probs = np.random.default_rng(0).random((3, 6, 5, 4)).astype(np.float32)
+    write_probabilities(probs, AFFINES["lps"], tmp_path / "p.nii.gz")
+    with gzip.open(tmp_path / "p.nii.gz") as f:  # Python's own gzip reads it to the end
+        assert len(f.read()) == 352 + probs.size * 4
+    np.testing.assert_allclose(
+        np.moveaxis(nib.load(tmp_path / "p.nii.gz").get_fdata(), -1, 0), probs, atol=1e-3
+    )
+
+
 def test_nrrd_matches_simpleitk() -> None:
     path = shared("nrrd_mr", "brain1_image.nrrd")
     img = load_image(path)

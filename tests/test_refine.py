@@ -4,6 +4,7 @@ installed), bounded-memory planning, post-processing and its choice on validatio
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -650,3 +651,34 @@ def test_crf_reads_probabilities_in_any_memory_layout() -> None:
     a = dense_crf(probs, image, (1.0, 1.0, 2.0), cfg)
     b = dense_crf(probs.contiguous(), image, (1.0, 1.0, 2.0), cfg)
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def _faults_of_fresh_block(nbytes: int) -> int:
+    """Minor page faults taken by allocating and filling a fresh block (after freeing one alike)."""
+    import resource
+
+    for _ in range(2):  # allocated and freed: kept by the heap only if told to (twice, so that the
+        torch.empty(nbytes // 4).fill_(1.0)  # heap settles after pages an earlier trim gave back)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(nbytes // 4).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings are Linux only")
+def test_refinement_reuses_freed_memory_and_gives_it_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg.refine import memory
+
+    if memory._glibc() is None:
+        pytest.skip("not glibc, or its malloc thresholds set through the environment")
+    pages = (64 << 20) // 4096  # a 64 MiB block: above glibc's largest dynamic mmap threshold
+    assert _faults_of_fresh_block(64 << 20) > pages // 2  # mapped and zero-filled afresh
+    with memory.reuse_freed_memory():
+        with memory.reuse_freed_memory():
+            assert _faults_of_fresh_block(64 << 20) < pages // 10  # reused from the heap
+        assert memory._depth == 1
+        assert _faults_of_fresh_block(64 << 20) < pages // 10  # the outer use still holds
+    assert memory._depth == 0
+    assert _faults_of_fresh_block(64 << 20) > pages // 2  # settings restored
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's own setting wins
+    with memory.reuse_freed_memory():
+        assert _faults_of_fresh_block(64 << 20) > pages // 2

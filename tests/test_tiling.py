@@ -8,6 +8,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import pydantic
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -413,6 +414,11 @@ def test_settings_check_their_fields_and_read_a_config() -> None:
         (0,),
         "auto",
     )
+    mirrored = InferenceConfig.model_validate({"tta_axes": [0, 2]})  # as a pipeline YAML gives it
+    assert TilingSettings.from_config(mirrored, (32, 32, 16)).tta_axes == (0, 2)
+    for bad, why in (([0, 0], "distinct spatial axes"), ([3], "0, 1 or 2"), ([0, 1, 2, 0], "at most 3")):
+        with pytest.raises(pydantic.ValidationError, match=why):
+            InferenceConfig.model_validate({"tta_axes": bad})
 
 
 def test_sliding_window_probabilities_goes_through_the_engine() -> None:

@@ -72,6 +72,10 @@ def test_plan_hippocampus() -> None:
     check_input_size(cfg.train.patch_size, size_divisor(cfg.model.name, **cfg.model.params))
     assert cfg.preprocess.intensity[0].scheme == "zscore"
     assert "205 cases" in text
+    # the patch holds a median hippocampus volume whole: distinct volumes per step, not repeated crops
+    assert (cfg.train.batch_size, cfg.train.samples_per_volume) == (4, 1)
+    assert "holds the median volume whole" in text
+    assert cfg.inference.tta_axes == (0, 1, 2)  # mirroring on every axis, as nnU-Net predicts
     shipped = REPO / "pipelines" / "hippocampus.yaml"
     shipped_cfg = load_pipeline(shipped)
     check_patch(shipped_cfg.model.name, shipped_cfg.train.patch_size, **shipped_cfg.model.params)
@@ -171,3 +175,24 @@ def test_two_fold_ensemble_is_the_mean_of_its_members(small_dataset: Path, tmp_p
     torch.testing.assert_close(ensemble.probabilities, (members[0] + members[1]) / 2)
     np.testing.assert_array_equal(ensemble.labels, ensemble.probabilities.argmax(0).numpy())
     shutil.rmtree(tmp_path / "f0")
+
+
+def test_mixed_precision_autocasts_where_the_hardware_computes_half_precision(
+    small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medseg.tracking.store import client
+    from medseg.training import precision
+
+    assert precision.autocast_dtype("cpu", enabled=False) is None
+    assert precision.autocast_dtype("cuda", enabled=True) is torch.float16
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.autocast_dtype("cpu", enabled=True) is None  # emulated bfloat16 would be slower
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.autocast_dtype("cpu", enabled=True) is torch.bfloat16
+    result = train(_cfg(epochs=2, mixed_precision=True), load_spec(small_dataset), tmp_path / "bf16")
+    assert client().get_run(result.run_id).data.params["autocast"] == "bfloat16"
+    assert all(np.isfinite(h["train_loss"]) for h in result.history)
+    weights = load_bundle(tmp_path / "bf16" / "last").network.state_dict().values()
+    assert {w.dtype for w in weights if w.is_floating_point()} == {torch.float32}  # autocast, not a cast
+    plain = train(_cfg(epochs=1, mixed_precision=False), load_spec(small_dataset), tmp_path / "fp32")
+    assert client().get_run(plain.run_id).data.params["autocast"] == "float32"

@@ -52,7 +52,7 @@ class ScanJob:
         scan: The scan (case id, path, DICOM series files).
         fingerprint: Fingerprint of its input files.
         model_sha256: Hash(es) of the model bundle(s), recorded with the outputs.
-        keep_probabilities: Also write the class probabilities (float16 NIfTI).
+        keep_probabilities: Also write the class probabilities (float32 NIfTI).
         exports: Names of the exports to run (see :mod:`medseg.batch.exports`).
     """
 
@@ -114,40 +114,50 @@ def describe_error(exc: BaseException, scan: Scan) -> str:
     return text
 
 
-def run_job(
-    job: ScanJob,
-    predictor: Any,
-    out_root: Path,
-    *,
-    image: Any = None,
-    exporters: dict[str, Callable[..., list[Path]]] | None = None,
-) -> JobResult:
-    """Segment one scan into ``out_root/<case_id>/``; never raises for a bad scan.
+@dataclass
+class Segmented:
+    """A scan segmented in memory whose outputs are not written yet: the first half of a job.
 
-    Outputs are written into a temporary folder that is renamed into place only when everything,
-    ``result.json`` last, is written: a job killed at any moment leaves no folder that looks complete.
+    Attributes:
+        job: The job.
+        result: Its result so far (``failed`` with the reason when loading or segmenting failed).
+        image: The loaded scan, kept only when the job has exports (which read it).
+        prediction: The :class:`~medseg.pipeline.Prediction` (``None`` when it failed).
+        predictor: The predictor that segmented it (for the exports).
+        started: ``time.perf_counter()`` when the job started.
+    """
+
+    job: ScanJob
+    result: JobResult
+    image: Any = None
+    prediction: Any = None
+    predictor: Any = None
+    started: float = 0.0
+
+
+def _fail(result: JobResult, exc: BaseException, scan: Scan, started: float) -> JobResult:
+    result.status = "failed"
+    result.error = describe_error(exc, scan)
+    result.details = {"traceback": traceback.format_exc(limit=3)[-2000:]}
+    result.seconds["total"] = time.perf_counter() - started
+    return result
+
+
+def segment_scan(job: ScanJob, predictor: Any, *, image: Any = None) -> Segmented:
+    """Load (unless given) and segment one scan in memory; never raises for a bad scan.
 
     Args:
         job: The job.
         predictor: A loaded :class:`~medseg.pipeline.Predictor`.
-        out_root: The batch's output folder.
-        image: The scan already loaded (by a prefetching thread), or ``None`` to load it here.
-        exporters: Export functions by name, called as
-            ``fn(case_dir, image=, prediction=, job=, predictor=)`` and returning the files they wrote
-            (inside ``case_dir``).
+        image: The scan already loaded (by a prefetching thread; an exception if that failed), or
+            ``None`` to load it here.
 
     Returns:
-        The :class:`JobResult`: status ``ok`` or ``failed`` with a one-sentence error.
+        The :class:`Segmented` scan, to be written by :func:`write_outputs`.
     """
-    import numpy as np
+    from medseg.io import load_image
 
-    from medseg.io import load_image, write_label_map
-    from medseg.io.write import write_probabilities
-
-    case_id = job.scan.case_id
-    result = JobResult(case_id, "failed", job.fingerprint, job.model_sha256)
-    tmp = out_root / f"{TMP_PREFIX}{case_id}-{os.getpid()}"
-    final = case_dir(out_root, case_id)
+    result = JobResult(job.scan.case_id, "failed", job.fingerprint, job.model_sha256)
     t0 = time.perf_counter()
     try:
         if image is None:
@@ -159,6 +169,47 @@ def run_job(
             raise image
         prediction = predictor.predict(image, keep_probabilities=job.keep_probabilities)
         result.seconds.update(prediction.seconds)
+    except Exception as exc:  # one bad scan must never stop the batch
+        return Segmented(job, _fail(result, exc, job.scan, t0), started=t0)
+    kept = image if job.exports else None  # only the exports read the scan again
+    return Segmented(job, result, kept, prediction, predictor, t0)
+
+
+def write_outputs(
+    segmented: Segmented,
+    out_root: Path,
+    *,
+    exporters: dict[str, Callable[..., list[Path]]] | None = None,
+) -> JobResult:
+    """Write a segmented scan's outputs into ``out_root/<case_id>/``, all or nothing; never raises.
+
+    Outputs are written into a temporary folder that is renamed into place only when everything,
+    ``result.json`` last, is written: a job killed at any moment leaves no folder that looks complete.
+    May run in another thread than :func:`segment_scan` (the local engine writes one scan while it
+    segments the next).
+
+    Args:
+        segmented: What :func:`segment_scan` returned.
+        out_root: The batch's output folder.
+        exporters: Export functions by name, called as
+            ``fn(case_dir, image=, prediction=, job=, predictor=)`` and returning the files they wrote
+            (inside ``case_dir``).
+
+    Returns:
+        The :class:`JobResult`: status ``ok`` or ``failed`` with a one-sentence error.
+    """
+    import numpy as np
+
+    from medseg.io import write_label_map
+    from medseg.io.write import write_probabilities
+
+    job, result, prediction = segmented.job, segmented.result, segmented.prediction
+    if prediction is None:
+        return result
+    case_id = job.scan.case_id
+    tmp = out_root / f"{TMP_PREFIX}{case_id}-{os.getpid()}"
+    final = case_dir(out_root, case_id)
+    try:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -172,7 +223,9 @@ def run_job(
             if exporters is None or name not in exporters:
                 msg = f"export must be one of {sorted(exporters or {})}, got '{name}'"
                 raise ValueError(msg)
-            written += exporters[name](tmp, image=image, prediction=prediction, job=job, predictor=predictor)
+            written += exporters[name](
+                tmp, image=segmented.image, prediction=prediction, job=job, predictor=segmented.predictor
+            )
         result.seconds["write"] = time.perf_counter() - t1
         result.status = "ok"
         result.outputs = [str(Path(case_id) / p.relative_to(tmp)) for p in written]
@@ -186,15 +239,39 @@ def run_job(
             result.details["refine"] = refined.as_dict()
         if getattr(prediction, "quality", None):
             result.details["quality"] = dict(prediction.quality)
-        result.seconds["total"] = time.perf_counter() - t0
+        result.seconds["total"] = time.perf_counter() - segmented.started
         (tmp / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except Exception as exc:  # one bad scan must never stop the batch
-        result.status = "failed"
-        result.error = describe_error(exc, job.scan)
-        result.details = {"traceback": traceback.format_exc(limit=3)[-2000:]}
-        result.seconds["total"] = time.perf_counter() - t0
+        _fail(result, exc, job.scan, segmented.started)
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def run_job(
+    job: ScanJob,
+    predictor: Any,
+    out_root: Path,
+    *,
+    image: Any = None,
+    exporters: dict[str, Callable[..., list[Path]]] | None = None,
+) -> JobResult:
+    """Segment one scan into ``out_root/<case_id>/``; never raises for a bad scan.
+
+    :func:`segment_scan`, then :func:`write_outputs`: outputs are written into a temporary folder that
+    is renamed into place only when everything, ``result.json`` last, is written, so a job killed at
+    any moment leaves no folder that looks complete.
+
+    Args:
+        job: The job.
+        predictor: A loaded :class:`~medseg.pipeline.Predictor`.
+        out_root: The batch's output folder.
+        image: The scan already loaded (by a prefetching thread), or ``None`` to load it here.
+        exporters: Export functions by name (see :func:`write_outputs`).
+
+    Returns:
+        The :class:`JobResult`: status ``ok`` or ``failed`` with a one-sentence error.
+    """
+    return write_outputs(segment_scan(job, predictor, image=image), out_root, exporters=exporters)

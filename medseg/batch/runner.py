@@ -3,9 +3,9 @@
 The runner discovers scans, skips those already done (same input fingerprint, same model), runs the
 others on an engine, writes the manifest after every scan, and records the batch in MLflow (case ids,
 fingerprints and timings only: no paths, no patient data). Engines: ``local`` runs the jobs one after
-another in this process, loading the next scan in a background thread while the current one is
-segmented; ``ray`` runs them on a pool of Ray actors (:mod:`medseg.batch.ray_engine`). Both run the
-same jobs, so manifests and outputs are the same.
+another in this process, loading the next scan in a background thread and writing the previous one's
+outputs in another while the current one is segmented; ``ray`` runs them on a pool of Ray actors
+(:mod:`medseg.batch.ray_engine`). Both run the same jobs, so manifests and outputs are the same.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medseg.batch.discover import Scan, ScanFilter, discover
-from medseg.batch.job import TMP_PREFIX, JobResult, ScanJob, completed, input_fingerprint, run_job
+from medseg.batch.job import (
+    TMP_PREFIX,
+    JobResult,
+    ScanJob,
+    completed,
+    input_fingerprint,
+    segment_scan,
+    write_outputs,
+)
 from medseg.batch.manifest import Manifest, check_existing
 from medseg.errors import ConfigError, InputError, optional_import
 
@@ -72,7 +80,8 @@ class BatchSummary:
         entries: One record per scan (as in the manifest).
         run_id: The MLflow run id.
         seconds: Wall time of the run.
-        model_seconds: Sum of the network time over the scans segmented in this run.
+        model_seconds: Sum of the network time (the forward passes alone, not cutting windows or
+            stitching) over the scans segmented in this run.
         engine: The engine that ran the jobs.
         workers: Jobs that ran at once (the Ray actor pool's size; 1 for the local engine).
         retried: Jobs run again because their Ray worker died.
@@ -121,13 +130,21 @@ def _private(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _local_results(
-    jobs: Sequence[ScanJob], predictor: Any, out: Path, prefetch: bool
+    jobs: Sequence[ScanJob], predictor: Any, out: Path, overlap: bool
 ) -> Iterator[tuple[ScanJob, JobResult]]:
-    """Run the jobs one after another in this process; the next scan loads while one is segmented."""
+    """Run the jobs one after another in this process, in three overlapping steps.
+
+    With ``overlap``, while one scan is segmented (the network, on torch's threads), a background
+    thread loads the next one and another writes the previous one's outputs (label map, exports,
+    ``result.json``, the rename into place), so that only segmentation is on the critical path. At
+    most one scan waits to be written; results come out in job order.
+    """
     from medseg.batch.exports import EXPORTERS
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") if prefetch else None
-    pending: Future | None = pool.submit(_load, jobs[0].scan) if pool and jobs else None
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") if overlap else None
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-writer") if overlap else None
+    pending: Future | None = loader.submit(_load, jobs[0].scan) if loader and jobs else None
+    writing: tuple[ScanJob, Future] | None = None
     try:
         for i, job in enumerate(jobs):
             image = None
@@ -135,15 +152,26 @@ def _local_results(
             if pending is not None:
                 image = pending.result()
             waited = time.perf_counter() - t_wait
-            if pool and i + 1 < len(jobs):
-                pending = pool.submit(_load, jobs[i + 1].scan)
-            result = run_job(job, predictor, out, image=image, exporters=EXPORTERS)
-            if pool is not None:
-                result.seconds["load_wait"] = waited
-            yield job, result
+            if loader and i + 1 < len(jobs):
+                pending = loader.submit(_load, jobs[i + 1].scan)
+            segmented = segment_scan(job, predictor, image=image)
+            del image
+            if loader is not None:
+                segmented.result.seconds["load_wait"] = waited
+            if writing is not None:  # the previous scan's outputs (written while this one ran)
+                yield writing[0], writing[1].result()
+                writing = None
+            if writer is None:
+                yield job, write_outputs(segmented, out, exporters=EXPORTERS)
+            else:
+                writing = (job, writer.submit(write_outputs, segmented, out, exporters=EXPORTERS))
+            del segmented
+        if writing is not None:
+            yield writing[0], writing[1].result()
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (loader, writer):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _refine_means(entries: list[dict[str, Any]]) -> dict[str, float]:
@@ -197,7 +225,8 @@ def run_prediction(
         keep_probabilities: Also write class probabilities per scan.
         exports: Extra per-scan exports by name (see :mod:`medseg.batch.exports`).
         overwrite: Allow an output folder made with another model.
-        prefetch: Load the next scan while the current one is segmented.
+        prefetch: Load the next scan and write the previous one's outputs while the current one is
+            segmented (local engine).
         progress_bar: Show a progress bar (default: when stderr is a terminal).
         engine: ``local`` (this process) or ``ray`` (a pool of Ray actors; needs medseg[distributed]).
         ray_settings: Cluster address and pool size for the Ray engine.
@@ -289,7 +318,7 @@ def run_prediction(
                 entry = _entry(job, result)
                 manifest.entries[job.scan.case_id] = entry
                 manifest.save(out)
-                summary.model_seconds += result.seconds.get("model", 0.0)
+                summary.model_seconds += result.seconds.get("network", 0.0)
                 failed = sum(e["status"] == "failed" for e in manifest.entries.values())
                 advance(failed)
                 reason = f" ({result.error})" if result.error else ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from medseg.config.base import FrozenModel, dump_yaml, read_yaml, validate
 from medseg.config.spec import DatasetSpec, IntensitySpec
@@ -88,7 +88,8 @@ class TrainConfig(FrozenModel):
         cache: Keep preprocessed volumes in memory, on disk (``out/cache``), or not at all.
         folds: Number of cross-validation folds (used with ``--fold``).
         augment: Augmentation settings.
-        mixed_precision: Autocast to float16 on CUDA (ignored on CPU).
+        mixed_precision: Autocast the forward pass to float16 on CUDA, and to bfloat16 on CPUs that
+            compute it natively (AVX512-BF16 or AMX; about twice as fast there); float32 elsewhere.
     """
 
     epochs: PositiveInt = 100
@@ -119,12 +120,24 @@ class InferenceConfig(FrozenModel):
         overlap: Fraction of overlap between neighbouring windows.
         batch_size: Windows per forward pass.
         blend: Weighting of overlapping windows.
+        tta_axes: Test-time augmentation by mirroring (as nnU-Net): every combination of flips along
+            these spatial axes of the preprocessed grid is run (``2 ** len(tta_axes)`` passes) and the
+            predictions averaged. Empty: none.
     """
 
     patch_size: Size3 | None = None
     overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
     batch_size: PositiveInt = 4
     blend: Literal["gaussian", "constant"] = "gaussian"
+    tta_axes: Annotated[tuple[Literal[0, 1, 2], ...], Field(max_length=3)] = ()
+
+    @field_validator("tta_axes")
+    @classmethod
+    def _distinct_axes(cls, axes: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(axes)) != len(axes):
+            msg = f"tta_axes must be distinct spatial axes, got {list(axes)}"
+            raise ValueError(msg)
+        return axes
 
 
 class PipelineConfig(FrozenModel):

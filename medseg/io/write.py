@@ -11,6 +11,37 @@ from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
 from medseg.io.readers import LPS_TO_RAS
 
+try:  # ISA-L deflates several times faster than zlib at the same (fastest) level; optional
+    from isal.igzip import IGzipFile as _gzip_cls
+except ImportError:  # pragma: no cover - depends on the environment
+    from gzip import GzipFile as _gzip_cls
+
+GZIP_LEVEL = 1
+"""Deflate level of written ``.nii.gz`` files (nibabel's default, the fastest)."""
+
+
+def save_nifti(img: nib.Nifti1Image, path: Path) -> None:
+    """Save a NIfTI image to ``path``; a ``.gz`` name is deflated as it is written (ISA-L if present).
+
+    The header and the voxels stream into the gzip file, so no compressed or uncompressed copy of the
+    whole volume is held in memory. The result is an ordinary single-member gzip file, the same bytes
+    for the same image (no file name or time in its header).
+
+    Args:
+        img: The image.
+        path: Destination (not made atomic here: pass a temporary path).
+    """
+    if path.name.lower().endswith(".gz"):
+        # no name and no time in the gzip header: the same image gives the same bytes (as nibabel)
+        with (
+            open(path, "wb") as raw,
+            _gzip_cls(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as f,
+        ):
+            holder = nib.FileHolder(filename=str(path), fileobj=f)
+            img.to_file_map({"image": holder, "header": holder})
+    else:
+        nib.save(img, path)
+
 
 def _as_numpy(array: object) -> np.ndarray:
     if hasattr(array, "detach"):
@@ -53,7 +84,7 @@ def write_volume(array: object, affine: object, path: str | Path, dtype: np.dtyp
             img = nib.Nifti1Image(data, aff)
             img.set_sform(aff, code=1)
             img.set_qform(aff, code=1)
-            nib.save(img, tmp)
+            save_nifti(img, tmp)
         else:
             import SimpleITK as sitk
 
@@ -85,7 +116,9 @@ def write_label_map(labels: object, affine: object, path: str | Path) -> Path:
 
 
 def write_probabilities(probabilities: object, affine: object, path: str | Path) -> Path:
-    """Write ``(K, X, Y, Z)`` class probabilities as a 4D float16 NIfTI ``(X, Y, Z, K)``, atomically.
+    """Write ``(K, X, Y, Z)`` class probabilities as a 4D float32 NIfTI ``(X, Y, Z, K)``, atomically.
+
+    NIfTI-1 has no 16-bit float type (nibabel refuses one), so the values are stored as float32.
 
     Args:
         probabilities: Class probabilities, channel first.
@@ -100,9 +133,9 @@ def write_probabilities(probabilities: object, affine: object, path: str | Path)
         msg = f"probabilities must be 4D (K, X, Y, Z), got shape {data.shape}"
         raise InputError(msg)
     aff = _as_numpy(affine).astype(np.float64)
-    img = nib.Nifti1Image(np.moveaxis(data, 0, -1).astype(np.float16), aff)
+    img = nib.Nifti1Image(np.moveaxis(data, 0, -1).astype(np.float32, copy=False), aff)
     img.set_sform(aff, code=1)
     img.set_qform(aff, code=1)
     with atomic_path(path) as tmp:
-        nib.save(img, tmp)
+        save_nifti(img, tmp)
     return Path(path)

@@ -54,15 +54,19 @@ class ChannelNorm:
     nonzero: bool = False
 
 
-def normalize_channel(x: torch.Tensor, spec: IntensitySpec) -> tuple[torch.Tensor, ChannelNorm]:
+def normalize_channel(
+    x: torch.Tensor, spec: IntensitySpec, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ChannelNorm]:
     """Normalise one channel as ``spec`` says.
 
     Args:
         x: The channel's voxels (any shape; spatial only, no channel axis).
         spec: The channel's intensity settings.
+        out: Optional ``float32`` tensor of ``x``'s shape to write the result into (in place, no
+            temporaries of the volume's size for the CT and plain z-score schemes).
 
     Returns:
-        The normalised values (``float32``, a new tensor) and what was applied.
+        The normalised values (``float32``; ``out`` if given, else a new tensor) and what was applied.
 
     Examples:
         >>> y, norm = normalize_channel(torch.tensor([-2000.0, 0.0, 500.0]),
@@ -74,27 +78,30 @@ def normalize_channel(x: torch.Tensor, spec: IntensitySpec) -> tuple[torch.Tenso
         >>> y.tolist(), norm.mean, norm.std
         ([0.0, -1.0, 1.0], 3.0, 1.0)
     """
-    x = x.to(torch.float32)
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if spec.scheme == "none":
-        return x.clone(), ChannelNorm(scheme="none")
+        return out.copy_(x), ChannelNorm(scheme="none")
     if spec.scheme == "ct":
         assert spec.clip is not None  # the spec validates this
         low, high = float(spec.clip[0]), float(spec.clip[1])
         mean = spec.mean if spec.mean is not None else (low + high) / 2.0
         std = spec.std if spec.std is not None else (high - low) / 2.0
         norm = ChannelNorm(scheme="ct", mean=float(mean), std=max(float(std), MIN_STD), clip=(low, high))
-        return (x.clamp(low, high) - norm.mean) / norm.std, norm
+        torch.clamp(x.to(torch.float32), low, high, out=out)
+        return out.sub_(norm.mean).div_(norm.std), norm
+    x = x.to(torch.float32)
     mask = x != 0 if spec.nonzero else None
     values = x[mask] if mask is not None else x.reshape(-1)
     if values.numel() == 0:
-        return x.clone(), ChannelNorm(scheme="zscore", nonzero=spec.nonzero)
+        return out.copy_(x), ChannelNorm(scheme="zscore", nonzero=spec.nonzero)
     values64 = values.to(torch.float64)
     mean = float(values64.mean())
     std = max(float(values64.std(correction=0)), MIN_STD)
     norm = ChannelNorm(scheme="zscore", mean=mean, std=std, nonzero=spec.nonzero)
     if mask is None:
-        return (x - mean) / std, norm
-    out = x.clone()
+        return torch.sub(x, mean, out=out).div_(std), norm
+    out.copy_(x)
     out[mask] = (values - mean) / std
     return out, norm
 
@@ -177,8 +184,8 @@ class NormalizeChannelsd(MapTransform, InvertibleTransform):
             raise InputError(msg)
         img = convert_to_tensor(img, track_meta=get_track_meta())
         data = img.as_tensor() if isinstance(img, MetaTensor) else img
-        results = [normalize_channel(data[c], spec) for c, spec in enumerate(self.channels)]
-        out_t = torch.stack([y for y, _ in results])
+        out_t = torch.empty(data.shape, dtype=torch.float32, device=data.device)
+        results = [normalize_channel(data[c], spec, out=out_t[c]) for c, spec in enumerate(self.channels)]
         out, *_ = convert_to_dst_type(out_t, dst=img, dtype=torch.float32)
         if isinstance(out, MetaTensor) and get_track_meta():
             self.push_transform(out, extra_info={"channels": [asdict(n) for _, n in results]})

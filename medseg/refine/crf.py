@@ -25,9 +25,9 @@ kept.
 Performance notes (CPU): the work is many short whole-array operations, so on a shared machine whose
 cores are taken, OpenMP threads that spin-wait for a descheduled partner can make it ten times slower;
 ``DenseCRFConfig.threads = 0`` therefore refines on one thread when the load average says the cores
-are busy (and for small blocks). Large volumes allocate several GB of working memory; glibc maps and
-zeroes large blocks afresh on every allocation unless its thresholds are raised
-(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), which the application may set.
+are busy (and for small blocks). Large volumes allocate several GB of working memory, which glibc
+would map and zero afresh on every allocation: while blocks are refined, freed memory is kept for
+reuse (:func:`~medseg.refine.memory.reuse_freed_memory`) and given back afterwards.
 
 Examples:
     >>> probs = torch.tensor([[0.9, 0.6, 0.2, 0.1], [0.1, 0.4, 0.8, 0.9]])[:, :, None].expand(2, 4, 3)
@@ -51,6 +51,7 @@ from medseg.refine.blocks import CRFInfo, cpu_threads, foreground_box, plan_bloc
 from medseg.refine.config import DenseCRFConfig
 from medseg.refine.gaussian import SeparableGaussian, outer
 from medseg.refine.lattice import PermutohedralLattice
+from medseg.refine.memory import reuse_freed_memory
 
 _EPS = 1e-20
 
@@ -249,15 +250,16 @@ def iter_blocks(
     """Refine block by block; yield each block's core (as slices of the grid) and its marginals."""
     probs, image = as_plain_tensor(probs), as_plain_tensor(image)
     spacing = tuple(float(s) for s in spacing)
-    for block in info.blocks:
-        read = (slice(None), *(slice(a, b) for a, b in block.padded))
-        with cpu_threads(threads_for(block.voxels, cfg.threads, probs.device)):
-            q = mean_field(probs[read], image[read].to(probs.device), spacing, cfg)
-        keep = (
-            slice(None),
-            *(slice(c0 - p0, c1 - p0) for (c0, c1), (p0, _) in zip(block.core, block.padded)),
-        )
-        yield tuple(slice(a, b) for a, b in block.core), q[keep]
+    with reuse_freed_memory():  # until the last block is taken (or the generator is closed)
+        for block in info.blocks:
+            read = (slice(None), *(slice(a, b) for a, b in block.padded))
+            with cpu_threads(threads_for(block.voxels, cfg.threads, probs.device)):
+                q = mean_field(probs[read], image[read].to(probs.device), spacing, cfg)
+            keep = (
+                slice(None),
+                *(slice(c0 - p0, c1 - p0) for (c0, c1), (p0, _) in zip(block.core, block.padded)),
+            )
+            yield tuple(slice(a, b) for a, b in block.core), q[keep]
 
 
 def dense_crf_with_info(
@@ -270,7 +272,11 @@ def dense_crf_with_info(
     probs = as_plain_tensor(probs)
     whole = tuple((0, n) for n in probs.shape[1:])
     if len(info.blocks) == 1 and info.blocks[0].padded == whole:
-        return next(iter_blocks(probs, image, spacing, cfg, info))[1], info
+        blocks = iter_blocks(probs, image, spacing, cfg, info)
+        try:
+            return next(blocks)[1], info
+        finally:
+            blocks.close()
     out = as_plain_tensor(probs).float().clone()
     for core, q in iter_blocks(probs, image, spacing, cfg, info):
         out[(slice(None), *core)] = q

@@ -23,6 +23,7 @@ from medseg.tiling import sliding_window_probabilities
 from medseg.training.data import PatchLoader, load_validation
 from medseg.training.metrics import dice_per_label
 from medseg.training.postprocess_choice import choose_on_validation
+from medseg.training.precision import as_float32, autocast_dtype
 
 if TYPE_CHECKING:
     from medseg.training.distributed import DistContext
@@ -264,8 +265,8 @@ def train(
         )
     else:
         opt = torch.optim.AdamW(network.parameters(), lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-    use_amp = tcfg.mixed_precision and torch.device(device).type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(device, tcfg.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
 
     result = TrainResult(bundle=out / "bundle", run_id="", val_cases=[c.id for c in val_cases])
     best, first_epoch, elapsed_before, resume_id = -1.0, 1, 0.0, None
@@ -292,6 +293,7 @@ def train(
         "n_parameters": sum(p.numel() for p in network.parameters()),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
         "nproc": 1 if distributed is None else distributed.world_size,
     }
     start = time.perf_counter() - elapsed_before
@@ -325,8 +327,13 @@ def train(
             for batch in patches.epoch(epoch):
                 image, label = batch["image"].to(device), batch["label"].to(device)
                 opt.zero_grad(set_to_none=True)
-                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                    loss = _loss(loss_fn, model(image), label)
+                with torch.autocast(
+                    device_type=torch.device(device).type,
+                    dtype=amp_dtype or torch.float32,
+                    enabled=amp_dtype is not None,
+                ):
+                    output = model(image)
+                loss = _loss(loss_fn, as_float32(output), label)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()

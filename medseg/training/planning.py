@@ -195,6 +195,17 @@ def plan_pipeline(
     patch, channels, net_why = plan_network(
         median_shape, budget, len(data.spec.channels), data.spec.num_classes
     )
+    whole = bool(np.all(np.asarray(patch) >= median_shape))
+    if whole:  # two crops of one volume would be the same patch: four volumes per step instead
+        train, batch_why = (
+            {"batch_size": 4, "samples_per_volume": 1},
+            (
+                "4 volumes of 1 patch each: the patch holds the median volume whole, so two patches of one "
+                "volume would be the same"
+            ),
+        )
+    else:
+        train, batch_why = {"batch_size": 2}, "2, nnU-Net's minimum"
     total = sum(fp.class_voxels.values())
     freq = {
         data.spec.label_names.get(v, str(v)): round(n / total, 5) for v, n in sorted(fp.class_voxels.items())
@@ -203,8 +214,8 @@ def plan_pipeline(
         "name": f"{data.spec.name}-{model}",
         "preprocess": {"target_spacing": [round(s, 4) for s in spacing], "intensity": intensity},
         "model": {"name": model, "params": {"channels": channels, "num_res_units": 1}},
-        "train": {"patch_size": list(patch), "batch_size": 2},
-        "inference": {"overlap": 0.5},
+        "train": {"patch_size": list(patch), **train},
+        "inference": {"overlap": 0.5, "tta_axes": [0, 1, 2]},
     }
     cfg = validate(PipelineConfig, raw, "planned pipeline")
     dumped = cfg.model_dump(mode="json", exclude_defaults=True)
@@ -216,7 +227,8 @@ def plan_pipeline(
         f"# preprocess.target_spacing: {spacing_why}.",
         *[f"# preprocess.intensity: {r}." for r in intensity_why],
         f"# train.patch_size / model.params.channels: {net_why}.",
-        "# train.batch_size: 2, nnU-Net's minimum; inference.overlap 0.5 as nnU-Net.",
+        f"# train.batch_size: {batch_why}.",
+        "# inference: overlap 0.5 and mirroring on every axis (8 passes), as nnU-Net predicts.",
         "# Edit any value to override the plan.",
     ]
     return cfg, "\n".join(header) + "\n" + text
