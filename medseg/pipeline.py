@@ -15,7 +15,6 @@ Examples:
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -33,7 +32,13 @@ from medseg.preprocess import build_preprocess, invert_to_source, spacing_from_a
 from medseg.preprocess.intensity import NormalizeChannelsd
 from medseg.refine import PostprocessConfig, RefineConfig, RefineReport, postprocess_with_report, refine
 from medseg.tiling import TilingSettings, argmax_channels, choose_memory_mode, infer, plan_for
-from medseg.tiling.sinks import ProbabilityWriter
+from medseg.tiling.sinks import (
+    ENTROPY_SAMPLES,
+    ForegroundEntropy,
+    ProbabilityWriter,
+    entropy_sum,
+    sampling_step,
+)
 from medseg.tiling.to_source import SourceGridLabels, SourceMapping, source_mapping
 
 
@@ -52,7 +57,8 @@ class Prediction:
         refine: What refinement changed (:class:`~medseg.refine.RefineReport`), or ``None`` if
             neither the CRF nor post-processing ran.
         quality: Facts for review: ``foreground_entropy``, the mean softmax entropy (in nats) over
-            the voxels predicted as foreground, where the probabilities were at hand.
+            the voxels predicted as foreground (on a regular sub-grid of large volumes; not with
+            the CRF in the memory-bounded mode).
     """
 
     labels: np.ndarray
@@ -70,7 +76,7 @@ def _all_finite(x: torch.Tensor) -> bool:
 
 
 def foreground_entropy(
-    probs: torch.Tensor, labels: np.ndarray, chunk: int = 1 << 20, max_voxels: int = 1 << 21
+    probs: torch.Tensor, labels: np.ndarray, chunk: int = 1 << 20, max_voxels: int = ENTROPY_SAMPLES
 ) -> float | None:
     """Mean softmax entropy (nats) over the voxels labelled foreground; ``None`` if there are none.
 
@@ -83,23 +89,13 @@ def foreground_entropy(
         chunk: Voxels per step (bounds the temporary memory).
         max_voxels: Voxels to look at, at most (about).
     """
-    step = max(1, math.ceil((labels.size / max_voxels) ** (1 / labels.ndim)))
+    step = sampling_step(labels.shape, max_voxels)
     if step > 1:
         grid = tuple(slice(None, None, step) for _ in range(labels.ndim))
         probs, labels = probs[(slice(None), *grid)], labels[grid]
-    mask = torch.from_numpy(np.ascontiguousarray(labels).reshape(-1) != 0)
+    mask = torch.from_numpy(np.ascontiguousarray(labels) != 0)
     n = int(mask.sum())
-    if n == 0:
-        return None
-    flat = probs.reshape(probs.shape[0], -1)
-    total = 0.0
-    for start in range(0, flat.shape[1], chunk):
-        m = mask[start : start + chunk]
-        if not bool(m.any()):
-            continue
-        p = flat[:, start : start + chunk][:, m].float().clamp_min(1e-12)
-        total += float(-(p * p.log()).sum())
-    return total / n
+    return entropy_sum(probs, mask, chunk) / n if n else None
 
 
 class Predictor:
@@ -178,6 +174,7 @@ class Predictor:
         total: torch.Tensor | None = None
         labels: np.ndarray | None = None
         crf_report = None
+        quality: dict[str, float] = {}
         crf_on = self.refine.crf.enabled
         for bundle, pre in zip(self.bundles, self._preprocess):
             t0 = time.perf_counter()
@@ -195,14 +192,29 @@ class Predictor:
                 labels, crf_report, t2, result = self._refine_on_grid(bundle, sample, pre, settings, plan)
                 t3 = time.perf_counter()
                 seconds["refine"] = crf_report.crf_seconds
-            elif bounded:
-                # large volume: stitch slab by slab, resample each slab's probabilities to the source
-                # grid and keep only labels (no whole-volume probability buffer anywhere)
+            elif streaming and not crf_on:
+                # only labels wanted: stitch, then take each finished slab to the source grid and keep
+                # its labels, with the foreground entropy from a sub-grid (no whole-volume
+                # probabilities). Large volumes slab by slab; others in one piece, where the grids
+                # differ by flips and permutations alone (no resampling, so no softmax at all)
                 mapping = self._source_mapping(grid, source, pre)
+                if mapping is not None and not (bounded or mapping.exact):
+                    mapping = None  # resampled: the whole-volume path below, as MONAI inverts it
             if mapping is not None:
-                sink = SourceGridLabels(mapping)
-                result = self._infer_into(bundle, grid, settings, plan, sink)
+                sink, entropy = SourceGridLabels(mapping), ForegroundEntropy(grid.shape[1:])
+                mode = "bounded" if bounded else settings.memory
+                result = infer(
+                    bundle.network,
+                    grid,
+                    replace(settings, memory=mode),
+                    plan=plan,
+                    output=None,
+                    sinks=[sink, entropy],
+                    device=self.device,
+                )
                 labels = sink.result().numpy()
+                if entropy.result() is not None:
+                    quality["foreground_entropy"] = entropy.result()
                 t3 = time.perf_counter()
                 t2 = t3 - result.timings["finalize"]
             elif labels is None:
@@ -224,7 +236,6 @@ class Predictor:
         post = self.refine.postprocess
         post_on = post.enabled and bool(post.labels)
         probs_src = None
-        quality: dict[str, float] = {}
         report = crf_report
         if labels is None:
             assert total is not None

@@ -196,6 +196,27 @@ def test_tiny_train_predict_and_mlflow(tmp_path: Path, monkeypatch: pytest.Monke
     assert pred_run.info.status == "FINISHED"
 
 
+def test_labels_only_prediction_agrees_with_the_probability_path_without_its_volume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import medseg.pipeline
+
+    vol = _label_volume()
+    image = load_image(write_nifti(vol, _oblique(flip=True), tmp_path / "scan.nii.gz"))
+    predictor = Predictor.from_path(_passthrough_bundle(tmp_path))  # reoriented, not resampled
+    kept = predictor.predict(image, keep_probabilities=True)  # whole-volume probabilities, inverted
+    assert kept.probabilities is not None
+    with monkeypatch.context() as m:  # labels only: no probability volume is taken back to the source
+        m.setattr(medseg.pipeline, "invert_to_source", None)
+        fast = predictor.predict(image)
+    assert np.array_equal(fast.labels, vol)
+    assert np.array_equal(kept.labels, vol)
+    assert fast.probabilities is None
+    entropy = fast.quality["foreground_entropy"]
+    assert entropy == pytest.approx(kept.quality["foreground_entropy"], rel=1e-5)
+    assert 0.0 < entropy < np.log(len(LABELS))
+
+
 def test_predict_array_in_memory_equals_predict_path(tmp_path: Path) -> None:
     vol = _label_volume()
     affine = _oblique(flip=True)

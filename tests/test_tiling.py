@@ -182,6 +182,37 @@ def test_merger_reconstructs_what_it_is_fed(bounded: bool, blend: str, channels_
         assert merger.peak_buffer_bytes < 4 * 3 * np.prod(plan.shape)
 
 
+@pytest.mark.parametrize("bounded", [False, True])
+@pytest.mark.parametrize(("blend", "sigma"), [("gaussian", 0.125), ("gaussian", 0.5), ("constant", 0.125)])
+def test_foreground_entropy_from_a_sub_grid_of_slabs_equals_the_whole_volumes(
+    bounded: bool, blend: str, sigma: float
+) -> None:
+    from medseg.pipeline import foreground_entropy
+    from medseg.tiling.sinks import ForegroundEntropy
+
+    plan = plan_patches((21, 13, 30), (8, 6, 10), overlap=0.4)
+    weights = importance_map(plan.patch_size, blend, sigma)  # not separable, separable, constant
+    values = 3 * torch.randn(3, 21, 13, 30)
+    probs = ProbabilitySink("probabilities")
+    merger = Merger(plan, weights, [probs])
+    _feed(plan, merger, values)
+    merger.finish()
+    labels = probs.result().argmax(0).numpy()
+    # every voxel, and every 3rd along each axis (not a multiple of a cell); beside a sink that
+    # needs no weight sums (those at the sub-grid then come from the plan and the map) and beside
+    # one that makes the merger keep them
+    for max_voxels, other in itertools.product((10**6, 500), ("labels", "logits")):
+        sink = ForegroundEntropy(plan.shape, max_voxels=max_voxels)
+        beside = LabelSink(plan.shape) if other == "labels" else ProbabilitySink("logits", plan.shape)
+        merger = Merger(plan, weights, [sink, beside], bounded=bounded)
+        _feed(plan, merger, values)
+        merger.finish()
+        expected = foreground_entropy(probs.result(), labels, max_voxels=max_voxels)
+        assert sink.step == (1 if max_voxels > 8190 else 3)
+        assert sink.result() == pytest.approx(expected, rel=1e-5)
+    assert ForegroundEntropy((4, 4)).result() is None
+
+
 def test_bounded_memory_is_a_small_fraction_of_the_volume() -> None:
     image = torch.randn(3, 192, 160, 60)
     settings = TilingSettings((32, 32, 32), batch_size=8)

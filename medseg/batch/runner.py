@@ -130,20 +130,27 @@ def _private(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _local_results(
-    jobs: Sequence[ScanJob], predictor: Any, out: Path, overlap: bool
+    jobs: Sequence[ScanJob],
+    predictor: Any,
+    out: Path,
+    overlap: bool,
+    prefetched: tuple[ThreadPoolExecutor, Future] | None = None,
 ) -> Iterator[tuple[ScanJob, JobResult]]:
     """Run the jobs one after another in this process, in three overlapping steps.
 
     With ``overlap``, while one scan is segmented (the network, on torch's threads), a background
     thread loads the next one and another writes the previous one's outputs (label map, exports,
     ``result.json``, the rename into place), so that only segmentation is on the critical path. At
-    most one scan waits to be written; results come out in job order.
+    most one scan waits to be written; results come out in job order. ``prefetched`` is a loading
+    pool and its future of the first scan, started earlier (while the MLflow run starts); the pool
+    is shut down here.
     """
     from medseg.batch.exports import EXPORTERS
 
-    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") if overlap else None
+    if prefetched is None and overlap:
+        prefetched = _prefetcher(jobs)
+    loader, pending = prefetched if prefetched is not None else (None, None)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-writer") if overlap else None
-    pending: Future | None = loader.submit(_load, jobs[0].scan) if loader and jobs else None
     writing: tuple[ScanJob, Future] | None = None
     try:
         for i, job in enumerate(jobs):
@@ -172,6 +179,14 @@ def _local_results(
         for pool in (loader, writer):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prefetcher(jobs: Sequence[ScanJob]) -> tuple[ThreadPoolExecutor, Future] | None:
+    """A one-thread loading pool and its future of the first job's scan (``None`` without jobs)."""
+    if not jobs:
+        return None
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch")
+    return loader, loader.submit(_load, jobs[0].scan)
 
 
 def _refine_means(entries: list[dict[str, Any]]) -> dict[str, float]:
@@ -302,7 +317,14 @@ def run_prediction(
         "refine": predictor.refine.model_dump(mode="json"),
     }
     show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
-    with tracked_run("predict", experiment=experiment, params=params, uri=tracking_uri) as run:
+    # the first scan loads while the MLflow run starts
+    prefetched = _prefetcher(jobs) if engine is Engine.LOCAL and prefetch else None
+    with contextlib.ExitStack() as stack:
+        if prefetched is not None:
+            stack.callback(prefetched[0].shutdown, wait=True, cancel_futures=True)
+        run = stack.enter_context(
+            tracked_run("predict", experiment=experiment, params=params, uri=tracking_uri)
+        )
         summary.run_id = run.run_id
         summary.engine = engine.value
         ray_engine = None
@@ -312,7 +334,7 @@ def run_prediction(
             ray_engine = RayEngine(predictor, device=device, settings=ray_settings)
             results = ray_engine.results(jobs, out)
         else:
-            results = _local_results(jobs, predictor, out, prefetch)
+            results = _local_results(jobs, predictor, out, prefetch, prefetched)
         with contextlib.closing(results), _progress(len(jobs), show_bar) as advance:
             for i, (job, result) in enumerate(results):
                 entry = _entry(job, result)

@@ -21,6 +21,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import time
@@ -206,8 +207,7 @@ class _StitchThreads:
 
     def _time(self, n: int) -> float:
         if self._probe is None:
-            buf = torch.zeros(14, 32, 48, 128)
-            self._probe = (buf[:, :, 8:40, 16:112], torch.rand(14, 32, 32, 96), torch.rand(32, 32, 96))
+            self._probe = _probe_tensors()
         target, src, w = self._probe
         best = math.inf
         with _threads(n):
@@ -216,6 +216,13 @@ class _StitchThreads:
                 target.addcmul_(src, w)
                 best = min(best, time.perf_counter() - t0)
         return best
+
+
+@functools.cache
+def _probe_tensors() -> tuple[torch.Tensor, ...]:
+    """The stitching probe's operands, made once per process (not per volume)."""
+    buf = torch.zeros(14, 32, 48, 128)
+    return buf[:, :, 8:40, 16:112], torch.rand(14, 32, 32, 96), torch.rand(32, 32, 96)
 
 
 def _channels_last(ndim: int) -> torch.memory_format:

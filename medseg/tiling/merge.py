@@ -330,6 +330,44 @@ class Merger:
         assert total is not None
         return total
 
+    def _weight_sums_at(
+        self,
+        box: tuple[slice, ...],
+        wbuf: torch.Tensor | None,
+        local: tuple[slice, ...],
+        index: tuple[slice, ...],
+    ) -> torch.Tensor:
+        """The weight sums at a strided sub-grid (``index``, relative to ``box``) of a finished box.
+
+        Read from the weight buffer where there is one, else built for the sub-grid alone: from the
+        per-axis line sums of a separable map, or by adding every window's weights at the sub-grid
+        voxels it covers (a few thousand small adds, where the whole box would take millions).
+        """
+        if wbuf is not None:
+            return wbuf[local][index]
+        if self.weights.separable:
+            total: torch.Tensor | None = None
+            for a, (rng, sub) in enumerate(zip(box, index)):
+                line = self._line_sums(a)[rng][sub]
+                line = line.reshape([-1 if b == a else 1 for b in range(self.plan.ndim)])
+                total = line if total is None else total * line
+            assert total is not None
+            return total
+        coords = [range(b.start, b.stop)[i] for b, i in zip(box, index)]
+        covered: list[list[tuple[slice, slice]]] = []  # per axis: (sub-grid part, window part) per window
+        for a, c in enumerate(coords):
+            parts = []
+            for s in self.plan.starts[a]:
+                first = max(0, -((c.start - s) // c.step))  # the first sub-grid voxel at or after s
+                last = min(len(c) - 1, (s + self.plan.patch_size[a] - 1 - c.start) // c.step)
+                if first <= last:
+                    parts.append((slice(first, last + 1), slice(c[first] - s, c[last] - s + 1, c.step)))
+            covered.append(parts)
+        total = torch.zeros([len(c) for c in coords], device=self.device)
+        for combo in itertools.product(*covered):
+            total[tuple(sub for sub, _ in combo)] += self.weights.tensor[tuple(win for _, win in combo)]
+        return total
+
     def _emit(self, cell: Cell) -> None:
         mem = self._cells.pop(cell)  # its arena space is reused once the sinks are done with it
         buf, wbuf = mem.sums, mem.weights
@@ -343,7 +381,8 @@ class Merger:
             region.append(slice(lo - pad, hi - pad))
         whole = all(r.start == 0 and r.stop == n for r, n in zip(region, self.plan.shape))
         weight_sums = functools.partial(self._weight_sums, tuple(box), wbuf, tuple(local))
-        slab = Slab(tuple(region), buf[(slice(None), *local)], weight_sums, whole, self.outer_axis)
+        sampled = functools.partial(self._weight_sums_at, tuple(box), wbuf, tuple(local))
+        slab = Slab(tuple(region), buf[(slice(None), *local)], weight_sums, whole, self.outer_axis, sampled)
         for sink in self.sinks:
             sink.consume(slab)
 

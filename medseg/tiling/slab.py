@@ -72,6 +72,8 @@ class Slab:
         weight_sums: Returns the ``(*box)`` sums of the weights (only called when normalising).
         whole: Whether the box is the whole volume.
         axis: The merger's outer axis (slabs come in increasing order along it).
+        weight_sums_at: Returns the weight sums at a strided sub-grid of the box (one slice per
+            axis), without building them for the whole box; default: ``weight_sums()`` indexed.
     """
 
     def __init__(
@@ -81,10 +83,12 @@ class Slab:
         weight_sums: Callable[[], torch.Tensor | float],
         whole: bool = False,
         axis: int = 0,
+        weight_sums_at: Callable[[tuple[slice, ...]], torch.Tensor | float] | None = None,
     ) -> None:
         self.region, self.whole, self.axis = region, whole, axis
         self._data = sums
         self._weight_sums = weight_sums
+        self._weight_sums_at = weight_sums_at
         self._state = "sums"
         self._labels: torch.Tensor | None = None
 
@@ -130,6 +134,25 @@ class Slab:
             softmax_channels_(self.logits())
             self._state = "probabilities"
         return self._data
+
+    def probabilities_at(self, index: tuple[slice, ...]) -> torch.Tensor:
+        """``(K, *sub-grid)`` probabilities at a (strided) sub-grid of the box; the slab is unchanged.
+
+        Args:
+            index: One slice per spatial axis, relative to the box.
+
+        Returns:
+            A new tensor: the softmax of the blended logits at those voxels.
+        """
+        values = self._data[(slice(None), *index)].to(torch.float32, copy=True)
+        if self._state == "sums":
+            if self._weight_sums_at is not None:
+                weights = self._weight_sums_at(index)
+            else:
+                weights = self._weight_sums()
+                weights = weights[index] if isinstance(weights, torch.Tensor) else weights
+            values.div_(weights)
+        return values if self._state == "probabilities" else softmax_channels_(values)
 
 
 class Sink(Protocol):

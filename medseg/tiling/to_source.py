@@ -135,6 +135,8 @@ def _resample_block(
     out = values
     for b, (i0, i1, w) in rows.items():
         a = mapping.grid_axes[b]
+        if not w.any() and np.array_equal(i0 - grid_start[a], np.arange(out.shape[1 + a])):
+            continue  # every plane, in order: nothing to select
         lo = torch.as_tensor(i0 - grid_start[a], device=values.device)
         first = out.index_select(1 + a, lo)
         if w.any():
@@ -227,6 +229,8 @@ class SourceGridLabels:
             assert self._kept is not None
             parts.append(self._kept.index_select(dim, torch.as_tensor(old - self._kept_start)))
         new = planes[planes >= slab.start]
+        if not old.size and np.array_equal(new, np.arange(slab.start, slab.stop)):
+            return values  # the whole slab, in order
         if new.size:
             parts.append(values.index_select(dim, torch.as_tensor(new - slab.start, device=values.device)))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
