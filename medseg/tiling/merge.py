@@ -321,14 +321,7 @@ class Merger:
     def _weight_sums(
         self, box: tuple[slice, ...], wbuf: torch.Tensor | None, local: tuple[slice, ...]
     ) -> torch.Tensor:
-        if wbuf is not None:
-            return wbuf[local]
-        total: torch.Tensor | None = None
-        for a, rng in enumerate(box):
-            line = self._line_sums(a)[rng].reshape([-1 if b == a else 1 for b in range(self.plan.ndim)])
-            total = line if total is None else total * line
-        assert total is not None
-        return total
+        return self._weight_sums_at(box, wbuf, local, (slice(None),) * len(box))
 
     def _weight_sums_at(
         self,
