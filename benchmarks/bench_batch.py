@@ -14,6 +14,9 @@ start-up and model loading are timed), and the line holds both and ``ray_vs_loca
 paid once per batch) and ``scans_per_hour_after_start`` the throughput without it.
 Each Ray worker uses one CPU and one torch thread; ``--threads`` sets the local runner's torch threads
 (default: torch's, one per core), e.g. ``--threads 1`` for the same arithmetic as a Ray worker.
+The local runner segments ``--parallel-scans`` scans at once (default: the runner's, 2 on CPU), each
+on an equal share of the threads; it counts as that many workers in the formulas above, so that
+``overhead_ratio`` stays core-seconds of the whole run over core-seconds of the network.
 
 Usage:
     .venv/bin/python benchmarks/bench_batch.py [--model demo_out/model/bundle] [--quick] [--engine ray]
@@ -71,7 +74,9 @@ def report(summary: BatchSummary, total: float) -> dict:
         "overhead_ratio_vs_tiling": round(worker_s / tiling, 3),
         "workers_start_s": round(summary.start_seconds, 2),
         "scans_per_hour_after_start": round(3600 * n / (total - summary.start_seconds), 1),
-        "torch_threads": torch.get_num_threads() if summary.engine == "local" else 1,
+        "torch_threads_per_worker": max(1, torch.get_num_threads() // summary.workers)
+        if summary.engine == "local"
+        else 1,
     }
 
 
@@ -84,6 +89,9 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="keep the scans here between runs")
     parser.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: compare both")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the local runner")
+    parser.add_argument(
+        "--parallel-scans", type=int, default=None, help="scans the local runner segments at once"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,7 +116,10 @@ def main() -> None:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
             out = work / f"out_{engine}_{time.time_ns()}"
             t0 = time.perf_counter()
-            summary = run_prediction(scans, out, [model], tracking_uri=uri, engine=engine)
+            parallel = args.parallel_scans if engine == "local" else None
+            summary = run_prediction(
+                scans, out, [model], tracking_uri=uri, engine=engine, parallel_scans=parallel
+            )
             results[engine] = report(summary, time.perf_counter() - t0)
     finally:
         if "ray" in engines:

@@ -236,6 +236,14 @@ def predict(
         int | None,
         typer.Option(help="With --engine ray: workers (default: one per free CPU, or per GPU with cuda)."),
     ] = None,
+    parallel_scans: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Local engine: scans segmented at once, sharing --threads equally "
+            "(default: 2 on CPU with 2+ threads, else 1; memory grows with it).",
+        ),
+    ] = None,
     crf: Annotated[
         bool | None,
         typer.Option("--crf/--no-crf", help="Refine with the dense CRF (default: as the pipeline says)."),
@@ -286,6 +294,7 @@ def predict(
             ray_settings=ray_settings,
             crf=crf,
             postprocess=postprocess,
+            parallel_scans=parallel_scans,
         )
     except MedsegError as exc:
         _fail(str(exc))

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from geometry_helpers import SHARED_DATA
 from pydicom.dataset import FileDataset, FileMetaDataset
 from typer.testing import CliRunner
@@ -254,18 +256,28 @@ def test_changed_input_is_redone(tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_image(tmp_path / "out" / "a" / "labels.nii.gz")[0].numpy(), _vol(2))
 
 
-def test_overlapped_batch_matches_a_sequential_one(tmp_path: Path) -> None:
-    # loading the next scan and writing the last one in background threads changes nothing but time
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_overlapped_batch_matches_a_sequential_one(tmp_path: Path, parallel: int) -> None:
+    # loading the next scan and writing the last one in background threads, and segmenting several
+    # scans at once on shares of torch's threads, change nothing but time
     for i in range(4):
         write_nifti(_vol(i), _aff(), tmp_path / "in" / f"s{i}.nii.gz")
     (tmp_path / "in" / "broken.nii.gz").write_bytes(b"not a scan")
     bundle = _bundle(tmp_path / "b")
+    threads = torch.get_num_threads()
     runs = {
         mode: run_prediction(
-            tmp_path / "in", tmp_path / mode, [bundle], prefetch=mode == "overlap", keep_probabilities=True
+            tmp_path / "in",
+            tmp_path / mode,
+            [bundle],
+            prefetch=mode == "overlap",
+            keep_probabilities=True,
+            parallel_scans=parallel,
         )
         for mode in ("overlap", "sequential")
     }
+    assert torch.get_num_threads() == threads  # restored
+    assert (runs["overlap"].workers, runs["sequential"].workers) == (min(parallel, threads), 1)
     order = [e["case_id"] for e in runs["sequential"].entries]
     assert [e["case_id"] for e in runs["overlap"].entries] == order
     for a, b in zip(runs["overlap"].entries, runs["sequential"].entries):
@@ -286,6 +298,30 @@ def test_overlapped_batch_matches_a_sequential_one(tmp_path: Path) -> None:
         < sum(e["seconds"]["model"] for e in runs["overlap"].entries if e["outputs"])
     )
     assert not list((tmp_path / "overlap").glob(".tmp-*"))
+
+
+def test_thread_share_gives_each_scan_in_flight_an_equal_share() -> None:
+    from medseg.batch.runner import _ThreadShare
+
+    threads = torch.get_num_threads()
+    share = _ThreadShare(4)
+    seen = []
+
+    def scan(inner: bool) -> None:
+        with share:
+            seen.append(torch.get_num_threads())
+            if inner:
+                t = threading.Thread(target=scan, args=(False,))
+                t.start()
+                t.join()
+                share.apply()  # alone again: every thread back
+                seen.append(torch.get_num_threads())
+
+    t = threading.Thread(target=scan, args=(True,))
+    t.start()
+    t.join()
+    assert seen == [4, 2, 4]
+    assert torch.get_num_threads() == threads  # other threads' settings do not leak into this one
 
 
 def test_discovery_filters(tmp_path: Path) -> None:

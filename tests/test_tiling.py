@@ -257,10 +257,13 @@ def test_weights_are_monais_and_separable_when_the_floor_does_not_bite() -> None
         importance_map((4, 4), "cosine")  # type: ignore[arg-type]
 
 
-def test_argmax_channels_matches_torch_in_both_layouts() -> None:
+@pytest.mark.parametrize("chunk", [1 << 20, 24, 50])  # one chunk; one plane each; two planes each
+def test_argmax_channels_matches_torch_in_both_layouts(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("medseg.tiling.slab._CHUNK", chunk)
     x = torch.randn(7, 5, 6, 4)
     x[3, 0, 0, 0] = x[1, 0, 0, 0]  # a tie goes to the first class, as torch does
     x[:, 1, 1, 1] = 0.0
+    x[:, 4, 5, 3] = 1.0  # the last voxel of the last (partial) chunk
     for t in (x, x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)):
         assert torch.equal(argmax_channels(t), x.argmax(0))
         assert argmax_channels(t, torch.uint8).dtype == torch.uint8
