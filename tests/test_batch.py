@@ -304,23 +304,24 @@ def test_thread_share_gives_each_scan_in_flight_an_equal_share() -> None:
     from medseg.batch.runner import _ThreadShare
 
     threads = torch.get_num_threads()
-    share = _ThreadShare(4)
+    share = _ThreadShare(4, parallel=2)
     seen = []
 
     def scan(inner: bool) -> None:
         with share:
-            seen.append(torch.get_num_threads())
+            seen.append(torch.get_num_threads())  # half, even before the second scan has started
             if inner:
                 t = threading.Thread(target=scan, args=(False,))
                 t.start()
                 t.join()
-                share.apply()  # alone again: every thread back
+                share.tail = True  # no scan left to start, and this one alone: every thread back
+                share.apply()
                 seen.append(torch.get_num_threads())
 
     t = threading.Thread(target=scan, args=(True,))
     t.start()
     t.join()
-    assert seen == [4, 2, 4]
+    assert seen == [2, 2, 4]
     assert torch.get_num_threads() == threads  # other threads' settings do not leak into this one
 
 
