@@ -208,7 +208,7 @@ def _write(segmented: Segmented, out: Path, exporters: dict[str, Any]) -> JobRes
 
 
 def _segment_loaded(job: ScanJob, predictor: Any, image: Future, share: _ThreadShare) -> Segmented:
-    """Wait for the scan's load, then segment it with its share of torch's threads (in a pool thread)."""
+    """Wait for the scan's load, then segment it with its share of torch's threads."""
     t_wait = time.perf_counter()
     loaded = image.result()
     waited = time.perf_counter() - t_wait
@@ -238,28 +238,10 @@ def _local_results(
     MLflow run starts); the pool is shut down here. Without ``overlap`` the jobs run one after
     another in this thread.
     """
-    from medseg.refine.memory import reuse_freed_memory
-
-    # Outside the main thread glibc serves the network's large temporaries from per-thread heaps
-    # that it maps and unmaps afresh (about a million page faults, a third more CPU time, per
-    # 256x256x200 CT): while scans run in pool threads, freed memory is kept for reuse instead
-    memory = reuse_freed_memory() if overlap and parallel > 1 else contextlib.nullcontext()
-    with memory:
-        yield from _run_jobs(jobs, predictor, out, overlap, prefetched, parallel)
-
-
-def _run_jobs(
-    jobs: Sequence[ScanJob],
-    predictor: Any,
-    out: Path,
-    overlap: bool,
-    prefetched: tuple[ThreadPoolExecutor, Future] | None,
-    parallel: int,
-) -> Iterator[tuple[ScanJob, JobResult]]:
-    """:func:`_local_results` without the memory setting."""
     import torch
 
     from medseg.batch.exports import EXPORTERS
+    from medseg.refine.memory import reuse_freed_memory
 
     if not overlap:
         for job in jobs:
@@ -273,8 +255,13 @@ def _run_jobs(
     share = _ThreadShare(threads_before, parallel)
     hooks = [b.network.register_forward_pre_hook(share.apply) for b in predictor.bundles]
     segmenter = None
+    # Outside the main thread glibc serves the network's large temporaries from per-thread heaps
+    # that it maps and unmaps afresh (about a million page faults, a third more CPU time, per
+    # 256x256x200 CT): while scans run in pool threads, freed memory is kept for reuse instead
+    memory = contextlib.ExitStack()
     if parallel > 1:
         segmenter = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="medseg-segment")
+        memory.enter_context(reuse_freed_memory())
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-writer")
     loads: dict[int, Future] = {0: first}
     segmenting: dict[Future, ScanJob] = {}
@@ -312,6 +299,7 @@ def _run_jobs(
         for hook in hooks:
             hook.remove()
         torch.set_num_threads(threads_before)
+        memory.close()
 
 
 def _prefetcher(jobs: Sequence[ScanJob]) -> tuple[ThreadPoolExecutor, Future] | None:
