@@ -196,3 +196,40 @@ def test_mixed_precision_autocasts_where_the_hardware_computes_half_precision(
     assert {w.dtype for w in weights if w.is_floating_point()} == {torch.float32}  # autocast, not a cast
     plain = train(_cfg(epochs=1, mixed_precision=False), load_spec(small_dataset), tmp_path / "fp32")
     assert client().get_run(plain.run_id).data.params["autocast"] == "float32"
+
+
+def test_flips_stay_on_the_configured_axes_and_prediction_mirrors_only_those() -> None:
+    import pydantic
+
+    from medseg.config.pipeline import TrainConfig
+    from medseg.training.data import random_transforms
+
+    image = torch.arange(8 * 6 * 4, dtype=torch.float32).reshape(1, 8, 6, 4)
+    label = torch.ones(1, 8, 6, 4, dtype=torch.uint8)
+    seen = set()
+    for axes in ((0,), (1, 2), ()):
+        aug = {"flip_prob": 1.0, "flip_axes": list(axes), "intensity_prob": 0.0, "noise_prob": 0.0}
+        tcfg = TrainConfig.model_validate({"patch_size": [8, 6, 4], "samples_per_volume": 1, "augment": aug})
+        out = random_transforms(tcfg)({"image": image.clone(), "label": label.clone()})[0]["image"]
+        want = torch.flip(image, dims=[a + 1 for a in axes]) if axes else image
+        assert torch.equal(torch.as_tensor(out), want)
+        seen.add(tuple(torch.as_tensor(out).flatten()[:3].tolist()))
+    assert len(seen) == 3  # three different outcomes, so the check above could fail
+
+    def pipeline(flip_axes: list[int], tta_axes: list[int], flip_prob: float = 0.5) -> PipelineConfig:
+        return PipelineConfig.model_validate(
+            {
+                "name": "p",
+                "train": {"augment": {"flip_axes": flip_axes, "flip_prob": flip_prob}},
+                "inference": {"tta_axes": tta_axes},
+            }
+        )
+
+    assert pipeline([0], [0]).inference.tta_axes == (0,)
+    assert pipeline([0, 1, 2], [0, 1, 2]).train.augment.flip_axes == (0, 1, 2)
+    with pytest.raises(pydantic.ValidationError, match=r"never saw flips along \[1, 2\]"):
+        pipeline([0], [0, 1, 2])
+    with pytest.raises(pydantic.ValidationError, match=r"never saw flips along \[0\]"):
+        pipeline([0, 1, 2], [0], flip_prob=0.0)
+    with pytest.raises(pydantic.ValidationError, match="flip_axes must be distinct spatial axes"):
+        pipeline([1, 1], [])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from medseg.config.base import FrozenModel, dump_yaml, read_yaml, validate
 from medseg.config.spec import DatasetSpec, IntensitySpec
@@ -19,6 +19,14 @@ from medseg.refine.config import RefineConfig
 
 Size3 = tuple[PositiveInt, PositiveInt, PositiveInt]
 Spacing3 = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+Axes3 = Annotated[tuple[Literal[0, 1, 2], ...], Field(max_length=3)]
+
+
+def _distinct(name: str, axes: tuple[int, ...]) -> tuple[int, ...]:
+    if len(set(axes)) != len(axes):
+        msg = f"{name} must be distinct spatial axes, got {list(axes)}"
+        raise ValueError(msg)
+    return axes
 
 
 class PreprocessConfig(FrozenModel):
@@ -38,6 +46,9 @@ class AugmentConfig(FrozenModel):
 
     Attributes:
         flip_prob: Probability of a flip, per axis.
+        flip_axes: Spatial axes of the preprocessed grid (RAS: 0 left-right, 1 posterior-anterior,
+            2 inferior-superior) that may be flipped. All three by default, as nnU-Net; where labels
+            depend on the direction along an axis (anterior vs posterior hippocampus), leave it out.
         rotate_prob: Probability of a random rotation (up to ``rotate_deg`` about each axis).
         rotate_deg: Largest rotation angle, degrees.
         scale_prob: Probability of a random zoom in ``[1 - scale, 1 + scale]``.
@@ -49,6 +60,7 @@ class AugmentConfig(FrozenModel):
     """
 
     flip_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    flip_axes: Axes3 = (0, 1, 2)
     rotate_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     rotate_deg: Annotated[float, Field(ge=0.0, le=180.0)] = 15.0
     scale_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
@@ -57,6 +69,11 @@ class AugmentConfig(FrozenModel):
     intensity_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
     noise_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.15
     gamma_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+    @field_validator("flip_axes")
+    @classmethod
+    def _distinct_axes(cls, axes: tuple[int, ...]) -> tuple[int, ...]:
+        return _distinct("flip_axes", axes)
 
 
 class ModelConfig(FrozenModel):
@@ -129,15 +146,12 @@ class InferenceConfig(FrozenModel):
     overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
     batch_size: PositiveInt = 4
     blend: Literal["gaussian", "constant"] = "gaussian"
-    tta_axes: Annotated[tuple[Literal[0, 1, 2], ...], Field(max_length=3)] = ()
+    tta_axes: Axes3 = ()
 
     @field_validator("tta_axes")
     @classmethod
     def _distinct_axes(cls, axes: tuple[int, ...]) -> tuple[int, ...]:
-        if len(set(axes)) != len(axes):
-            msg = f"tta_axes must be distinct spatial axes, got {list(axes)}"
-            raise ValueError(msg)
-        return axes
+        return _distinct("tta_axes", axes)
 
 
 class PipelineConfig(FrozenModel):
@@ -149,6 +163,21 @@ class PipelineConfig(FrozenModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     refine: RefineConfig = Field(default_factory=RefineConfig)
+
+    @model_validator(mode="after")
+    def _mirror_as_trained(self) -> PipelineConfig:
+        # as nnU-Net: predict only the mirror images the network saw in training
+        aug = self.train.augment
+        trained = set(aug.flip_axes) if aug.flip_prob > 0 else set()
+        untrained = sorted(set(self.inference.tta_axes) - trained)
+        if untrained:
+            msg = (
+                f"inference.tta_axes must be among the axes flipped in training "
+                f"(train.augment.flip_axes {list(aug.flip_axes)}, flip_prob {aug.flip_prob}), "
+                f"got {list(self.inference.tta_axes)}: the network never saw flips along {untrained}"
+            )
+            raise ValueError(msg)
+        return self
 
     @property
     def window(self) -> tuple[int, int, int]:

@@ -90,7 +90,7 @@ def random_transforms(train: TrainConfig) -> Compose:
             )
         )
     if aug.flip_prob > 0:
-        steps += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)]
+        steps += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in aug.flip_axes]
     if aug.intensity_prob > 0:
         steps += [
             RandScaleIntensityd("image", factors=0.1, prob=aug.intensity_prob),
