@@ -89,6 +89,8 @@ def test_explicit_case_list_and_data_root_override(tmp_path: Path, monkeypatch: 
             "low < high",
         ),
         ({"target_spacing": [1.0, -1.0, 1.0]}, r"target_spacing\.1"),
+        ({"mirror_axes": [0, 0]}, r"mirror_axes must be distinct spatial axes, got \[0, 0\]"),
+        ({"mirror_axes": [3]}, r"mirror_axes\.0"),
         ({"case_patterns": {"images": ["images/*.nii.gz"]}}, r"\{case\}"),
         ({"cases": [{"id": "a", "images": ["x"]}]}, "exactly one of 'cases' and 'case_patterns'"),
     ],

@@ -60,6 +60,10 @@ def test_plan_synthetic_gives_a_config_the_model_accepts(small_dataset: Path, tm
     assert intensity.scheme == "ct"
     assert intensity.clip[0] < 40 < intensity.clip[1]  # the phantoms' soft tissue sits at about 40 HU
     assert "# preprocess.target_spacing: median spacing" in text
+    # no mirror_axes in the spec: flips and mirroring on every axis, with nnU-Net's augmentation
+    assert cfg.train.augment.flip_axes == cfg.inference.tta_axes == (0, 1, 2)
+    assert (cfg.train.augment.rotate_prob, cfg.train.augment.scale_prob) == (0.2, 0.2)
+    assert "(8 passes averaged)" in text
     path = write_plan(tmp_path / "planned.yaml", text)
     assert load_pipeline(path) == cfg
 
@@ -75,10 +79,17 @@ def test_plan_hippocampus() -> None:
     # the patch holds a median hippocampus volume whole: distinct volumes per step, not repeated crops
     assert (cfg.train.batch_size, cfg.train.samples_per_volume) == (4, 1)
     assert "holds the median volume whole" in text
-    assert cfg.inference.tta_axes == (0, 1, 2)  # mirroring on every axis, as nnU-Net predicts
+    # the spec's mirror_axes [0]: its labels name the front and the back, so flips go left-right only
+    assert cfg.train.augment.flip_axes == cfg.inference.tta_axes == (0,)
+    assert "flips only along left-right (the data spec's mirror_axes [0])" in text
+    assert "(2 passes averaged)" in text
     shipped = REPO / "pipelines" / "hippocampus.yaml"
     shipped_cfg = load_pipeline(shipped)
     check_patch(shipped_cfg.model.name, shipped_cfg.train.patch_size, **shipped_cfg.model.params)
+    # the shipped pipeline is the plan plus the benchmark's 30-minute budget
+    assert shipped_cfg.train.augment == cfg.train.augment
+    assert shipped_cfg.inference == cfg.inference
+    assert (shipped_cfg.model, shipped_cfg.preprocess) == (cfg.model, cfg.preprocess)
 
 
 def test_anisotropic_plan_uses_finer_coarse_axis(tmp_path: Path) -> None:

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medseg.errors import ConfigError
 
 M = TypeVar("M", bound="FrozenModel")
+
+# spatial axes of a 3D grid (RAS after orientation: 0 left-right, 1 posterior-anterior, 2 inferior-superior)
+Axes3 = Annotated[tuple[Literal[0, 1, 2], ...], Field(max_length=3)]
+
+
+def distinct_axes(name: str, axes: tuple[int, ...]) -> tuple[int, ...]:
+    """Refuse a repeated axis (for a field validator).
+
+    Raises:
+        ValueError: ``axes`` names an axis twice.
+    """
+    if len(set(axes)) != len(axes):
+        msg = f"{name} must be distinct spatial axes, got {list(axes)}"
+        raise ValueError(msg)
+    return axes
 
 
 class FrozenModel(BaseModel):

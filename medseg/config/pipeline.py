@@ -13,20 +13,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from medseg.config.base import FrozenModel, dump_yaml, read_yaml, validate
+from medseg.config.base import Axes3, FrozenModel, distinct_axes, dump_yaml, read_yaml, validate
 from medseg.config.spec import DatasetSpec, IntensitySpec
 from medseg.refine.config import RefineConfig
 
 Size3 = tuple[PositiveInt, PositiveInt, PositiveInt]
 Spacing3 = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
-Axes3 = Annotated[tuple[Literal[0, 1, 2], ...], Field(max_length=3)]
-
-
-def _distinct(name: str, axes: tuple[int, ...]) -> tuple[int, ...]:
-    if len(set(axes)) != len(axes):
-        msg = f"{name} must be distinct spatial axes, got {list(axes)}"
-        raise ValueError(msg)
-    return axes
 
 
 class PreprocessConfig(FrozenModel):
@@ -73,7 +65,7 @@ class AugmentConfig(FrozenModel):
     @field_validator("flip_axes")
     @classmethod
     def _distinct_axes(cls, axes: tuple[int, ...]) -> tuple[int, ...]:
-        return _distinct("flip_axes", axes)
+        return distinct_axes("flip_axes", axes)
 
 
 class ModelConfig(FrozenModel):
@@ -151,7 +143,7 @@ class InferenceConfig(FrozenModel):
     @field_validator("tta_axes")
     @classmethod
     def _distinct_axes(cls, axes: tuple[int, ...]) -> tuple[int, ...]:
-        return _distinct("tta_axes", axes)
+        return distinct_axes("tta_axes", axes)
 
 
 class PipelineConfig(FrozenModel):

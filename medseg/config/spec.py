@@ -23,9 +23,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PositiveFloat, model_validator
+from pydantic import Field, PositiveFloat, field_validator, model_validator
 
-from medseg.config.base import FrozenModel, dump_yaml, read_yaml, validate
+from medseg.config.base import Axes3, FrozenModel, distinct_axes, dump_yaml, read_yaml, validate
 from medseg.errors import ConfigError
 
 DATA_ROOT_ENV = "MEDSEG_DATA_ROOT"
@@ -143,6 +143,12 @@ class DatasetSpec(FrozenModel):
 
     ``label_codes`` and ``label_colors`` are optional: per foreground label name, coded concepts
     (e.g. SNOMED CT, written into DICOM SEG) and an RGB display colour (used by every export).
+
+    ``mirror_axes`` are the RAS axes (0 left-right, 1 posterior-anterior, 2 inferior-superior) along
+    which a mirrored scan is still a valid case with the same labels. All three by default, as
+    nnU-Net assumes; leave out an axis along which the labels name a direction (the anterior and
+    posterior hippocampus: leave out 1; left and right kidney: leave out 0). ``medseg plan`` flips
+    training patches and mirrors predictions along these axes only.
     """
 
     name: Annotated[str, Field(min_length=1)]
@@ -156,6 +162,12 @@ class DatasetSpec(FrozenModel):
     case_patterns: CasePatterns | None = None
     target_spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None
     anisotropy_threshold: PositiveFloat = 3.0
+    mirror_axes: Axes3 = (0, 1, 2)
+
+    @field_validator("mirror_axes")
+    @classmethod
+    def _distinct_mirror_axes(cls, axes: tuple[int, ...]) -> tuple[int, ...]:
+        return distinct_axes("mirror_axes", axes)
 
     @model_validator(mode="after")
     def _check(self) -> DatasetSpec:

@@ -24,6 +24,15 @@ CPU_BUDGET_MB = 2_000
 GPU_BUDGET_MB = 8_000
 MAX_LEVELS = 5
 MIN_BOTTOM = 4  # smallest feature-map size at the deepest level
+RAS_AXIS_NAMES = ("left-right", "posterior-anterior", "inferior-superior")
+# nnU-Net's spatial and gamma augmentation (its defaults for 3D): rotation, scaling, gamma
+NNUNET_SPATIAL_AUGMENT = {
+    "rotate_prob": 0.2,
+    "rotate_deg": 30,
+    "scale_prob": 0.2,
+    "scale": 0.25,
+    "gamma_prob": 0.3,
+}
 
 
 @dataclass
@@ -172,6 +181,15 @@ def plan_network(
     return rounded, channels, why  # type: ignore[return-value]
 
 
+def _flips_why(mirror: list[int]) -> str:
+    if mirror == [0, 1, 2]:
+        return "flips along every axis (the data spec's mirror_axes)"
+    if not mirror:
+        return "no flips (the data spec's mirror_axes is empty)"
+    names = ", ".join(RAS_AXIS_NAMES[a] for a in mirror)
+    return f"flips only along {names} (the data spec's mirror_axes {mirror})"
+
+
 def plan_pipeline(
     data: LoadedSpec, *, model: str = "unet3d", budget_mb: float | None = None, gpu: bool = False
 ) -> tuple[PipelineConfig, str]:
@@ -210,12 +228,14 @@ def plan_pipeline(
     freq = {
         data.spec.label_names.get(v, str(v)): round(n / total, 5) for v, n in sorted(fp.class_voxels.items())
     }
+    mirror = list(data.spec.mirror_axes)
+    augment = {"flip_axes": mirror, **NNUNET_SPATIAL_AUGMENT}
     raw = {
         "name": f"{data.spec.name}-{model}",
         "preprocess": {"target_spacing": [round(s, 4) for s in spacing], "intensity": intensity},
         "model": {"name": model, "params": {"channels": channels, "num_res_units": 1}},
-        "train": {"patch_size": list(patch), **train},
-        "inference": {"overlap": 0.5, "tta_axes": [0, 1, 2]},
+        "train": {"patch_size": list(patch), **train, "augment": augment},
+        "inference": {"overlap": 0.5, "tta_axes": mirror},
     }
     cfg = validate(PipelineConfig, raw, "planned pipeline")
     dumped = cfg.model_dump(mode="json", exclude_defaults=True)
@@ -228,7 +248,10 @@ def plan_pipeline(
         *[f"# preprocess.intensity: {r}." for r in intensity_why],
         f"# train.patch_size / model.params.channels: {net_why}.",
         f"# train.batch_size: {batch_why}.",
-        "# inference: overlap 0.5 and mirroring on every axis (8 passes), as nnU-Net predicts.",
+        f"# train.augment: {_flips_why(mirror)}; rotation up to 30 degrees (p 0.2), scaling by up to "
+        "25 % (p 0.2) and gamma (p 0.3), as nnU-Net trains.",
+        f"# inference: overlap 0.5 and mirroring along the same axes ({2 ** len(mirror)} passes averaged), "
+        "as nnU-Net predicts.",
         "# Edit any value to override the plan.",
     ]
     return cfg, "\n".join(header) + "\n" + text
