@@ -228,7 +228,7 @@ def plan_pipeline(
     freq = {
         data.spec.label_names.get(v, str(v)): round(n / total, 5) for v, n in sorted(fp.class_voxels.items())
     }
-    mirror = list(data.spec.mirror_axes)
+    mirror = sorted(data.spec.mirror_axes)
     augment = {"flip_axes": mirror, **NNUNET_SPATIAL_AUGMENT}
     raw = {
         "name": f"{data.spec.name}-{model}",
