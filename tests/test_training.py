@@ -66,6 +66,13 @@ def test_plan_synthetic_gives_a_config_the_model_accepts(small_dataset: Path, tm
     assert "(8 passes averaged)" in text
     path = write_plan(tmp_path / "planned.yaml", text)
     assert load_pipeline(path) == cfg
+    # a spec that allows mirroring along fewer axes: the plan flips and mirrors along those only
+    loaded = load_spec(small_dataset)
+    narrow = loaded.model_copy(update={"spec": loaded.spec.model_copy(update={"mirror_axes": (2, 0)})})
+    cfg, text = plan_pipeline(narrow)
+    assert cfg.train.augment.flip_axes == cfg.inference.tta_axes == (0, 2)
+    assert "flips only along left-right, inferior-superior" in text
+    assert "(4 passes averaged)" in text
 
 
 def test_plan_hippocampus() -> None:
