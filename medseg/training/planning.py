@@ -190,6 +190,13 @@ def _flips_why(mirror: list[int]) -> str:
     return f"flips only along {names} (the data spec's mirror_axes {mirror})"
 
 
+def _spatial_why(aug: dict[str, float]) -> str:
+    return (
+        f"rotation up to {aug['rotate_deg']:g} degrees (p {aug['rotate_prob']:g}), scaling by up to "
+        f"{aug['scale'] * 100:g} % (p {aug['scale_prob']:g}) and gamma (p {aug['gamma_prob']:g})"
+    )
+
+
 def plan_pipeline(
     data: LoadedSpec, *, model: str = "unet3d", budget_mb: float | None = None, gpu: bool = False
 ) -> tuple[PipelineConfig, str]:
@@ -248,8 +255,7 @@ def plan_pipeline(
         *[f"# preprocess.intensity: {r}." for r in intensity_why],
         f"# train.patch_size / model.params.channels: {net_why}.",
         f"# train.batch_size: {batch_why}.",
-        f"# train.augment: {_flips_why(mirror)}; rotation up to 30 degrees (p 0.2), scaling by up to "
-        "25 % (p 0.2) and gamma (p 0.3), as nnU-Net trains.",
+        f"# train.augment: {_flips_why(mirror)}; {_spatial_why(NNUNET_SPATIAL_AUGMENT)}, as nnU-Net trains.",
         f"# inference: overlap 0.5 and mirroring along the same axes ({2 ** len(mirror)} passes averaged), "
         "as nnU-Net predicts.",
         "# Edit any value to override the plan.",
