@@ -262,10 +262,10 @@ def predict(
     """
     import torch
 
-    from medseg.batch.discover import ScanFilter
     from medseg.batch.ray_engine import RaySettings
     from medseg.batch.runner import run_prediction
     from medseg.errors import MedsegError
+    from medseg.sources.folder import ScanFilter
 
     if threads:
         torch.set_num_threads(threads)

@@ -44,3 +44,26 @@ def optional_import(module_name: str, feature: str, extra: str):
     except ImportError as exc:
         msg = f"{feature} needs {module_name}; install medseg[{extra}]"
         raise MedsegError(msg) from exc
+
+
+def choice_error(what: str, name: object, choices: object) -> str:
+    """The message for a name that is not one of the valid choices, with the nearest as a hint.
+
+    Args:
+        what: What was being chosen, e.g. ``"model"``.
+        name: The name given.
+        choices: The valid names (any iterable of strings).
+
+    Returns:
+        "``what`` must be one of [...], got 'name'", with "; did you mean 'x'?" when one is close.
+
+    Examples:
+        >>> choice_error("model", "unet3", ["unet3d", "unet2d"])
+        "model must be one of ['unet2d', 'unet3d'], got 'unet3'; did you mean 'unet3d'?"
+    """
+    import difflib
+
+    valid = sorted(str(c) for c in choices)  # type: ignore[attr-defined]
+    msg = f"{what} must be one of {valid}, got '{name}'"
+    near = difflib.get_close_matches(str(name), valid, n=1)
+    return f"{msg}; did you mean '{near[0]}'?" if near else msg

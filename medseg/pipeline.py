@@ -31,6 +31,7 @@ from medseg.io import load_image, write_label_map
 from medseg.preprocess import build_preprocess, invert_to_source, spacing_from_affine
 from medseg.preprocess.intensity import NormalizeChannelsd
 from medseg.refine import PostprocessConfig, RefineConfig, RefineReport, postprocess_with_report, refine
+from medseg.sources.models import ModelDescription
 from medseg.tiling import TilingSettings, argmax_channels, choose_memory_mode, infer, plan_for
 from medseg.tiling.sinks import (
     ENTROPY_SAMPLES,
@@ -145,6 +146,20 @@ class Predictor:
     def spec(self):
         """The (shared) data spec of the bundles."""
         return self.bundles[0].spec
+
+    @property
+    def sha256(self) -> str:
+        """The weights' SHA-256 of every bundle, ``+``-joined (an ensemble's identity)."""
+        return "+".join(b.sha256 for b in self.bundles)
+
+    def describe(self) -> ModelDescription:
+        """What this model is, for tracking (kind ``medseg``)."""
+        return ModelDescription(
+            kind="medseg",
+            location=",".join(str(b.info.get("path", "")) for b in self.bundles),
+            sha256=self.sha256,
+            params={"model": self.bundles[0].pipeline.model.name, "members": str(len(self.bundles))},
+        )
 
     def predict(self, image: MetaTensor, keep_probabilities: bool = False) -> Prediction:
         """Segment one loaded image.

@@ -21,7 +21,6 @@ from geometry_helpers import SHARED_DATA
 from pydicom.dataset import FileDataset, FileMetaDataset
 from typer.testing import CliRunner
 
-from medseg.batch.discover import discover
 from medseg.batch.runner import run_prediction
 from medseg.bundle import build_network, save_bundle
 from medseg.cli import app
@@ -29,6 +28,7 @@ from medseg.config.pipeline import PipelineConfig
 from medseg.config.spec import DatasetSpec
 from medseg.errors import InputError
 from medseg.io import load_image
+from medseg.sources.folder import discover
 from medseg.synth import write_dicom_series, write_nifti
 
 PATIENT = "Doe^Jane"
@@ -173,7 +173,7 @@ def test_mixed_folder_batch(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     by_id = {e["case_id"]: e for e in manifest["scans"]}
-    from medseg.batch.discover import dicom_case_id
+    from medseg.sources.folder import dicom_case_id
 
     for key, status in expect.items():
         case_id = key if key in by_id else dicom_case_id(key)
@@ -328,7 +328,7 @@ def test_thread_share_gives_each_scan_in_flight_an_equal_share() -> None:
 def test_discovery_filters(tmp_path: Path) -> None:
     write_dicom_series(_vol(1), _aff(), tmp_path / "mr", modality="MR", series_description="T1 post")
     write_dicom_series(_vol(2), _aff(), tmp_path / "ct", modality="CT", series_description="abdomen")
-    from medseg.batch.discover import ScanFilter
+    from medseg.sources.folder import ScanFilter
 
     assert len(discover(tmp_path).scans) == 2
     only_ct = discover(tmp_path, ScanFilter(modalities=("CT",)))

@@ -253,9 +253,9 @@ def test_a_killed_worker_loses_and_duplicates_no_scan(ray_local: Any, tmp_path: 
 
 @pytest.mark.slow  # starts (and loses) two Ray workers (about 10 s)
 def test_workers_that_cannot_start_end_the_run_with_the_reason(ray_local: Any, tmp_path: Path) -> None:
-    from medseg.batch.discover import Scan
     from medseg.batch.job import ScanJob
     from medseg.batch.ray_engine import RayEngine
+    from medseg.sources.folder import Scan
 
     settings = RaySettings(workers=1, max_attempts=2)
     engine = RayEngine(None, settings=settings)  # no predictor: every worker dies starting

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.batch.discover import Scan
+from medseg.sources.folder import Scan
 
 LABEL_FILE = "labels.nii.gz"
 PROBABILITY_FILE = "probabilities.nii.gz"

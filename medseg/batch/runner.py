@@ -27,7 +27,6 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medseg.batch.discover import Scan, ScanFilter, discover
 from medseg.batch.job import (
     TMP_PREFIX,
     JobResult,
@@ -40,6 +39,7 @@ from medseg.batch.job import (
 )
 from medseg.batch.manifest import Manifest, check_existing
 from medseg.errors import ConfigError, InputError, optional_import
+from medseg.sources.folder import Scan, ScanFilter, discover
 
 if TYPE_CHECKING:
     from medseg.batch.ray_engine import RaySettings
