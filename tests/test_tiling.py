@@ -269,6 +269,38 @@ def test_argmax_channels_matches_torch_in_both_layouts(chunk: int, monkeypatch: 
         assert argmax_channels(t, torch.uint8).dtype == torch.uint8
 
 
+@pytest.mark.parametrize("chunk", [1 << 20, 24])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("classes", [1, 3, 300])
+def test_argmax_channels_refuses_scores_that_are_not_finite(
+    chunk: int, bad: float, classes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN once came out as label K, outside the label table; now no label comes out at all."""
+    monkeypatch.setattr("medseg.tiling.slab._CHUNK", chunk)
+    x = torch.randn(classes, 5, 6, 4)
+    x[-1, 3, 2, 1] = bad
+    for t in (x, x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)):
+        with pytest.raises(InputError, match="network output must be finite, got NaN or inf at 1 voxel"):
+            argmax_channels(t)
+
+
+class _NanAfter(nn.Module):
+    """Scores with one NaN voxel, as a diverged network gives."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([x, -x], dim=1)
+        out[(slice(None), 1, *(0,) * (x.ndim - 2))] = float("nan")
+        return out
+
+
+@pytest.mark.parametrize("memory", ["full", "bounded"])
+def test_a_network_giving_nan_fails_with_a_clear_error(memory: str) -> None:
+    image = torch.randn(1, 20, 18, 9)
+    settings = TilingSettings((8, 8, 8), overlap=0.25, batch_size=2, memory=memory)
+    with pytest.raises(InputError, match="network output must be finite, got NaN"):
+        infer(_NanAfter(), image, settings, output="labels")
+
+
 # ---------------------------------------------------------------- the engine end to end
 
 

@@ -46,6 +46,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import InputError
+from medseg.labelmap import label_dtype
 
 DEFAULT_TOLERANCE_MM = 1.0
 HD_PERCENTILE = 95.0
@@ -225,7 +226,7 @@ def score_labels(
         raise InputError(msg)
     top = max(values, default=0)
     # Values outside the scored ones collapse to 0 or ``top + 1``, in the narrowest dtype that holds them.
-    dtype = np.uint8 if top + 1 < 256 else np.uint16 if top + 1 < 65536 else np.int64
+    dtype = label_dtype(top + 2)
     pred_i = np.clip(pred, 0, top + 1).astype(dtype, copy=False)
     ref_i = np.clip(ref, 0, top + 1).astype(dtype, copy=False)
     n = top + 2

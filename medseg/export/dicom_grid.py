@@ -1,13 +1,15 @@
-"""Where each source DICOM instance sits on a label map's grid, from its own position and orientation.
+"""Where each source DICOM instance sits on a case's grid, from its own position and orientation.
 
 DICOM exports (SEG, RTSTRUCT) need, for every source SOP instance, the slice of the label map it
-shows. That is computed here from each instance's ImagePositionPatient and
-ImageOrientationPatient, never from InstanceNumber or file order, so flipped, reversed, oblique
-and shuffled series come out aligned. A label map made elsewhere (any axis order or flips, as long
-as its voxels are the series' voxels) is re-indexed onto the series' own grid first.
+shows. The grid is the one the loader built when it read the series (the case's affine and shape,
+carried in the :class:`~medseg.export.case.CaseExport`), never derived again here: each instance
+is placed on it from its ImagePositionPatient and checked against its ImageOrientationPatient,
+never by InstanceNumber or file order, so flipped, reversed, oblique and shuffled series come out
+aligned. A label map made elsewhere (any axis order or flips, as long as its voxels are the
+series' voxels) is re-indexed onto the series' own grid first (:func:`to_grid`).
 
-Grid of a series (as in :mod:`medseg.io`): ``i`` along a row (first cosine), ``j`` down a column
-(second cosine), ``k`` along ``cross(row, col)``; slice ``k`` of a label map is the frame
+Grid of a series (see :mod:`medseg.geometry`): ``i`` along a row (first cosine), ``j`` down a
+column (second cosine), ``k`` along ``cross(row, col)``; slice ``k`` of a label map is the frame
 ``labels[:, :, k].T`` (rows x columns).
 """
 
@@ -21,8 +23,8 @@ import numpy as np
 import pydicom
 
 from medseg.errors import GeometryError, InputError
+from medseg.geometry import LPS_TO_RAS
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 GRID_TOL = 0.05
 """Largest offset accepted between a voxel and a lattice point, in voxels."""
 
@@ -32,14 +34,16 @@ class SeriesGrid:
     """The headers of a single-frame DICOM series with the voxel grid they span.
 
     Attributes:
-        headers: The instances' headers (no pixel data), ordered along the slice normal (``k``).
+        headers: The instances' headers (no pixel data), in slice order (``k``).
         affine: 4x4 RAS+ affine of the grid.
         shape: ``(columns, rows, slices)``, i.e. ``(X, Y, Z)``.
+        slices: The slice ``k`` each header shows.
     """
 
     headers: tuple[pydicom.Dataset, ...]
     affine: np.ndarray
     shape: tuple[int, int, int]
+    slices: tuple[int, ...]
 
     def frame(self, labels: np.ndarray, k: int) -> np.ndarray:
         """Slice ``k`` of a label map on this grid as a DICOM frame (rows x columns)."""
@@ -76,18 +80,31 @@ def read_headers(files: Sequence[Path]) -> list[pydicom.Dataset]:
     return out
 
 
-def series_grid(files: Sequence[Path] | Sequence[pydicom.Dataset]) -> SeriesGrid:
-    """The voxel grid of a single-frame DICOM series, with its headers in slice order.
+def place_series(
+    files: Sequence[Path] | Sequence[pydicom.Dataset],
+    affine: np.ndarray,
+    shape: Sequence[int],
+    *,
+    tol: float = GRID_TOL,
+) -> SeriesGrid:
+    """Place the instances of a single-frame DICOM series on the grid the loader read it into.
+
+    Each instance's first pixel (its ImagePositionPatient) must be a lattice point ``(0, 0, k)``
+    of the grid, its row and column steps (ImageOrientationPatient times PixelSpacing) the grid's
+    ``i`` and ``j`` steps, its size the grid's, and no two instances may show one slice.
 
     Args:
         files: The series' files (or their headers), in any order.
+        affine: The grid's 4x4 RAS+ affine (the loaded image's).
+        shape: The grid's ``(X, Y, Z)`` shape.
+        tol: Largest offset from a lattice point, in voxels.
 
     Returns:
-        The :class:`SeriesGrid`; the slice step is the mean position step (exact for even
-        spacing, and for gantry tilt the sheared step medseg's reader uses too).
+        The :class:`SeriesGrid`, headers in slice order.
 
     Raises:
-        GeometryError: Missing geometry, mixed orientations or sizes, or two slices at one position.
+        InputError: An empty series or an unreadable file.
+        GeometryError: An instance that does not lie on a slice of the grid.
     """
     headers = [f if isinstance(f, pydicom.Dataset) else None for f in files]
     if any(h is None for h in headers):
@@ -95,63 +112,48 @@ def series_grid(files: Sequence[Path] | Sequence[pydicom.Dataset]) -> SeriesGrid
     if not headers:
         msg = "DICOM series must hold at least one instance, got none"
         raise InputError(msg)
-    first = headers[0]
-    iop = _floats(first, "ImageOrientationPatient", 6)
-    row, col = iop[:3], iop[3:]
-    normal = np.cross(row, col)
-    spacing = _floats(first, "PixelSpacing", 2)
-    size = (int(first.Columns), int(first.Rows))
-    for ds in headers[1:]:
-        if np.max(np.abs(_floats(ds, "ImageOrientationPatient", 6) - iop)) > 1e-4:
-            other = list(ds.ImageOrientationPatient)
-            msg = f"DICOM series must share one ImageOrientationPatient, got {iop.tolist()} and {other}"
-            raise GeometryError(msg)
-        if (int(ds.Columns), int(ds.Rows)) != size:
-            msg = f"DICOM series must share one image size {size}, got {(ds.Columns, ds.Rows)}"
-            raise GeometryError(msg)
-    positions = np.stack([_floats(ds, "ImagePositionPatient", 3) for ds in headers])
-    order = np.argsort(positions @ normal, kind="stable")
-    headers = [headers[i] for i in order]
-    positions = positions[order]
-    if len(headers) > 1:
-        gaps = np.diff(positions @ normal)
-        if np.any(gaps < 1e-3):
-            msg = "DICOM series slice positions must be distinct, got two instances at one position"
-            raise GeometryError(msg)
-        step = (positions[-1] - positions[0]) / (len(headers) - 1)
-    else:
-        thickness = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 1) or 1)
-        step = normal * thickness
-    lps = np.eye(4)
-    lps[:3, 0] = row * spacing[1]
-    lps[:3, 1] = col * spacing[0]
-    lps[:3, 2] = step
-    lps[:3, 3] = positions[0]
-    return SeriesGrid(tuple(headers), LPS_TO_RAS @ lps, (size[0], size[1], len(headers)))
+    grid_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    inv = np.linalg.inv(lps)
+    slices = [_slice_of(ds, lps, inv, grid_shape, tol) for ds in headers]
+    order = np.argsort(slices, kind="stable")
+    ks = [slices[i] for i in order]
+    if len(set(ks)) != len(ks):
+        msg = "DICOM series slice positions must be distinct, got two instances at one position"
+        raise GeometryError(msg)
+    return SeriesGrid(tuple(headers[i] for i in order), np.asarray(affine, dtype=np.float64), grid_shape, tuple(ks))
 
 
-def instance_slices(grid: SeriesGrid, tol: float = GRID_TOL) -> list[int]:
-    """The slice ``k`` of the grid that each header (in ``grid.headers`` order) shows.
+def _slice_of(
+    ds: pydicom.Dataset, lps: np.ndarray, inv: np.ndarray, shape: tuple[int, int, int], tol: float
+) -> int:
+    uid = ds.get("SOPInstanceUID", "?")
+    if (int(ds.Columns), int(ds.Rows)) != shape[:2]:
+        msg = f"DICOM instance {uid} must have the grid's image size {shape[:2]}, got {(ds.Columns, ds.Rows)}"
+        raise GeometryError(msg)
+    iop = _floats(ds, "ImageOrientationPatient", 6)
+    spacing = _floats(ds, "PixelSpacing", 2)
+    steps = np.stack([iop[:3] * spacing[1], iop[3:] * spacing[0]], axis=1)
+    if not np.allclose(steps, lps[:3, :2], atol=tol * float(spacing.min())):
+        msg = (
+            f"DICOM instance {uid} must share the grid's orientation and pixel spacing, got "
+            f"ImageOrientationPatient {iop.tolist()} and PixelSpacing {spacing.tolist()}"
+        )
+        raise GeometryError(msg)
+    ijk = inv @ np.append(_floats(ds, "ImagePositionPatient", 3), 1.0)
+    k = round(float(ijk[2]))
+    if np.max(np.abs(ijk[:3] - [0, 0, k])) > tol or not 0 <= k < shape[2]:
+        msg = (
+            f"DICOM instance {uid} must lie on a slice of the grid, "
+            f"got voxel position {np.round(ijk[:3], 3).tolist()}"
+        )
+        raise GeometryError(msg)
+    return k
 
-    Each instance's first pixel (its ImagePositionPatient) must be a lattice point ``(0, 0, k)``
-    of the grid and its orientation must be the grid's.
 
-    Raises:
-        GeometryError: If an instance does not lie on a slice of the grid.
-    """
-    inv = np.linalg.inv(np.linalg.inv(LPS_TO_RAS) @ grid.affine)
-    out = []
-    for ds in grid.headers:
-        ijk = inv @ np.append(_floats(ds, "ImagePositionPatient", 3), 1.0)
-        k = round(float(ijk[2]))
-        if np.max(np.abs(ijk[:3] - [0, 0, k])) > tol or not 0 <= k < grid.shape[2]:
-            msg = (
-                f"DICOM instance {ds.get('SOPInstanceUID', '?')} must lie on a slice of the grid, "
-                f"got voxel position {np.round(ijk[:3], 3).tolist()}"
-            )
-            raise GeometryError(msg)
-        out.append(k)
-    return out
+def instance_slices(grid: SeriesGrid) -> list[int]:
+    """The slice ``k`` of the grid that each header (in ``grid.headers`` order) shows."""
+    return list(grid.slices)
 
 
 def to_grid(

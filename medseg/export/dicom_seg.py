@@ -20,7 +20,7 @@ import numpy as np
 
 from medseg.errors import InputError, optional_import
 from medseg.export.case import CaseExport
-from medseg.export.dicom_grid import instance_slices, series_grid, to_grid
+from medseg.export.dicom_grid import instance_slices, place_series
 from medseg.export.labels import Concept
 from medseg.io.atomic import atomic_path
 
@@ -50,8 +50,8 @@ def segment_frames(case: CaseExport) -> tuple[Any, np.ndarray]:
     if not case.is_dicom:
         msg = f"{case.case_id}: DICOM export needs a DICOM series as source, got {list(case.inputs)[:1]}"
         raise InputError(msg)
-    grid = series_grid(case.dicom_files)
-    labels = to_grid(case.labels, case.affine, grid.affine, grid.shape, what=f"{case.case_id}: label map")
+    grid = place_series(case.dicom_files, case.affine, case.labels.shape)
+    labels = case.labels
     values = [e.value for e in case.label_table]
     top = int(labels.max()) if labels.size else 0
     consecutive = values == list(range(1, len(values) + 1))

@@ -26,7 +26,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from medseg.errors import InputError, optional_import
 from medseg.export.case import CaseExport
-from medseg.export.dicom_grid import instance_slices, series_grid, to_grid
+from medseg.export.dicom_grid import instance_slices, place_series
 from medseg.io.atomic import atomic_path
 
 RTSTRUCT_FILE = "rtstruct.dcm"
@@ -66,12 +66,12 @@ def write_rtstruct(case: CaseExport, out_dir: Path, name: str = RTSTRUCT_FILE) -
     if not case.is_dicom:
         msg = f"{case.case_id}: RTSTRUCT needs a DICOM series as source, got {list(case.inputs)[:1]}"
         raise InputError(msg)
-    grid = series_grid(case.dicom_files)
+    grid = place_series(case.dicom_files, case.affine, case.labels.shape)
     spacing = [float(v) for v in grid.headers[0].PixelSpacing]
     if abs(spacing[0] - spacing[1]) > 1e-4 * max(spacing):
         msg = f"{case.case_id}: RTSTRUCT export (rt-utils) needs square pixels, got PixelSpacing {spacing}"
         raise InputError(msg)
-    labels = to_grid(case.labels, case.affine, grid.affine, grid.shape, what=f"{case.case_id}: label map")
+    labels = case.labels
     slice_of = {str(ds.SOPInstanceUID): k for ds, k in zip(grid.headers, instance_slices(grid), strict=True)}
     present = [e for e in case.label_table if (labels == e.value).any()]
     if not present:

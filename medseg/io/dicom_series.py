@@ -30,9 +30,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medseg.errors import GeometryError, InputError
+from medseg.geometry import dicom_affine, order_along, slice_normal
 from medseg.io.dicom_pixels import raw_ds, stack_pixels
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ORIENTATION_TOL = 1e-4
 SPACING_REL_TOL = 0.01
 SPACING_ABS_TOL = 0.01
@@ -299,7 +299,6 @@ def read_series(
 
     first = datasets[0]
     iop = _floats(first, "ImageOrientationPatient", 6, info.files[0])
-    row_cos, col_cos = iop[:3], iop[3:]
     spacing = _floats(first, "PixelSpacing", 2, info.files[0])
     shape = (int(first.Rows), int(first.Columns))
     for ds, path in zip(datasets[1:], info.files[1:]):
@@ -318,13 +317,13 @@ def read_series(
         if np.max(np.abs(_floats(ds, "PixelSpacing", 2, path) - spacing)) > 1e-4:
             msg = f"{where}: all slices must share one PixelSpacing {spacing.tolist()}, got {ds.PixelSpacing}"
             raise GeometryError(msg)
-    normal = np.cross(row_cos, col_cos)
+    normal = slice_normal(iop)
     if not math.isclose(float(np.linalg.norm(normal)), 1.0, abs_tol=1e-3):
         msg = f"{where}: ImageOrientationPatient must hold two orthonormal cosines, got {iop.tolist()}"
         raise GeometryError(msg)
 
     positions = np.stack([_floats(ds, "ImagePositionPatient", 3, p) for ds, p in zip(datasets, info.files)])
-    order = np.argsort(positions @ normal, kind="stable")
+    order = order_along(positions, normal)
     positions = positions[order]
     datasets = [datasets[i] for i in order]
     files = tuple(info.files[i] for i in order)
@@ -356,11 +355,6 @@ def read_series(
     else:
         slice_vec = normal * slice_spacing
 
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_cos * spacing[1]
-    affine_lps[:3, 1] = col_cos * spacing[0]
-    affine_lps[:3, 2] = slice_vec
-    affine_lps[:3, 3] = positions[0]
 
     array = stack_pixels(datasets, files, shape)
     meta = {
@@ -372,4 +366,5 @@ def read_series(
         "slice_spacing": slice_spacing,
         "pixel_spacing": spacing.tolist(),
     }
-    return DicomVolume(array=array, affine=LPS_TO_RAS @ affine_lps, meta=meta, files=files)
+    affine = dicom_affine(iop, spacing, positions[0], slice_vec)
+    return DicomVolume(array=array, affine=affine, meta=meta, files=files)

@@ -19,8 +19,8 @@ import numpy as np
 from monai.data.image_reader import ImageReader, _copy_compatible_dict, _stack_images
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from medseg.geometry import lps_to_ras
 from medseg.errors import InputError
-from medseg.io.dicom_series import LPS_TO_RAS as LPS_TO_RAS  # re-exported (medseg.io.write uses it)
 from medseg.io.dicom_series import DicomVolume, read_series
 
 PathLike = str | Path
@@ -113,8 +113,7 @@ def sitk_affine(image: Any) -> np.ndarray:
     affine = np.eye(dim + 1)
     affine[:dim, :dim] = direction * spacing
     affine[:dim, dim] = image.GetOrigin()
-    flip = np.diag([-1.0, -1.0, *([1.0] * (dim - 1))])[: dim + 1, : dim + 1] if dim >= 2 else np.eye(dim + 1)
-    return flip @ affine
+    return lps_to_ras(affine)
 
 
 class SimpleITKReader(ImageReader):

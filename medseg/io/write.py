@@ -9,7 +9,8 @@ import numpy as np
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
-from medseg.io.readers import LPS_TO_RAS
+from medseg.geometry import LPS_TO_RAS
+from medseg.labelmap import label_dtype
 
 try:  # ISA-L deflates several times faster than zlib at the same (fastest) level; optional
     from isal.igzip import IGzipFile as _gzip_cls
@@ -111,8 +112,7 @@ def write_label_map(labels: object, affine: object, path: str | Path) -> Path:
     """
     data = _as_numpy(labels)
     top = int(data.max()) if data.size else 0
-    dtype = np.uint8 if top < 256 else np.uint16
-    return write_volume(data, affine, path, dtype=np.dtype(dtype))
+    return write_volume(data, affine, path, dtype=label_dtype(top + 1))
 
 
 def write_probabilities(probabilities: object, affine: object, path: str | Path) -> Path:

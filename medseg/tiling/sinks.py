@@ -20,7 +20,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from medseg.tiling.slab import Slab, argmax_channels, label_dtype
+from medseg.labelmap import torch_label_dtype
+from medseg.tiling.slab import Slab, argmax_channels
 
 
 class LabelSink:
@@ -40,7 +41,7 @@ class LabelSink:
     def consume(self, slab: Slab) -> None:
         """Write the slab's labels."""
         if self._labels is None:
-            self._labels = torch.empty(self.shape, dtype=label_dtype(slab.num_classes))
+            self._labels = torch.empty(self.shape, dtype=torch_label_dtype(slab.num_classes))
         self._labels[slab.region] = slab.labels().cpu()
 
     def finish(self) -> None:

@@ -15,14 +15,15 @@ from typing import Protocol
 
 import torch
 
-
-def label_dtype(num_classes: int) -> torch.dtype:
-    """The smallest integer dtype that holds labels ``0 .. num_classes - 1``."""
-    return torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 32768 else torch.int32
+from medseg.errors import InputError
+from medseg.labelmap import torch_label_dtype
 
 
 def argmax_channels(x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Argmax over the first (channel) axis, fast in both memory layouts; ties go to the first class.
+
+    Every label it returns is a channel index ``0 .. K - 1``: scores that are not finite (NaN or
+    infinite, e.g. from a diverged network) are refused rather than turned into a label.
 
     Args:
         x: ``(K, *spatial)`` scores; channel-first or channels-last in memory.
@@ -30,11 +31,25 @@ def argmax_channels(x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.
 
     Returns:
         ``(*spatial)`` labels.
+
+    Raises:
+        InputError: If a voxel's largest score is NaN or infinite.
+
+    Examples:
+        >>> argmax_channels(torch.tensor([[0.0, 2.0], [1.0, 2.0]])).tolist()
+        [1, 0]
+        >>> argmax_channels(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
+        Traceback (most recent call last):
+        ...
+        medseg.errors.InputError: network output must be finite, got NaN or inf at 1 voxel(s)
     """
     if x.shape[0] == 1:
+        _check_finite(x[0])
         return torch.zeros(x.shape[1:], dtype=dtype, device=x.device)
     if x.stride(0) == 1:  # channels-last: a contiguous reduction
-        return x.movedim(0, -1).argmax(-1).to(dtype)
+        best, labels = x.movedim(0, -1).max(-1)
+        _check_finite(best)
+        return labels.to(dtype)
     labels = torch.empty(x.shape[1:], dtype=dtype, device=x.device)
     step = max(1, _CHUNK // max(1, math.prod(x.shape[2:])))
     for i in range(0, x.shape[1], step):  # chunks bound the (K, chunk) temporaries
@@ -45,12 +60,21 @@ def argmax_channels(x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.
 _CHUNK = 1 << 20  # voxels per chunk of the channel-first argmax (its passes stay in cache)
 
 
+def _check_finite(best: torch.Tensor) -> None:
+    """Refuse maxima that are NaN (a NaN score anywhere in the voxel) or infinite."""
+    if not bool(torch.isfinite(best).all()):
+        bad = int((~torch.isfinite(best)).sum())
+        msg = f"network output must be finite, got NaN or inf at {bad} voxel(s)"
+        raise InputError(msg)
+
+
 def _first_argmax(x: torch.Tensor) -> torch.Tensor:
     """Channel-first argmax in five vectorised passes (torch's argmax over a strided axis is slow)."""
     k = x.shape[0]
+    best = x.amax(0)  # NaN wherever a score is NaN
+    _check_finite(best)
     if k > 255:
         return x.argmax(0)
-    best = x.amax(0)
     rank = torch.arange(k, 0, -1, dtype=torch.uint8, device=x.device).view(-1, *[1] * (x.ndim - 1))
     score = torch.eq(x, best).view(torch.uint8).mul_(rank)  # k - class where the class reaches the max
     return score.amax(0).neg_().add_(k)
@@ -115,7 +139,7 @@ class Slab:
     def labels(self) -> torch.Tensor:
         """``(*box)`` argmax labels (the smallest integer dtype that holds them)."""
         if self._labels is None:
-            self._labels = argmax_channels(self._data, label_dtype(self.num_classes))
+            self._labels = argmax_channels(self._data, torch_label_dtype(self.num_classes))
         return self._labels
 
     def logits(self) -> torch.Tensor:

@@ -35,7 +35,8 @@ from monai.transforms import Compose
 from medseg.errors import GeometryError
 from medseg.preprocess.geometry import plan_resampling, separate_slice_axis, spacing_from_affine
 from medseg.preprocess.spacing import ResampleToSpacingd
-from medseg.tiling.slab import Slab, argmax_channels, label_dtype
+from medseg.labelmap import torch_label_dtype
+from medseg.tiling.slab import Slab, argmax_channels
 
 _SNAP = 1e-6  # grid coordinates this close to an integer are taken as that integer
 
@@ -188,7 +189,7 @@ class SourceGridLabels:
         mapping, a = self.mapping, slab.axis
         b = mapping.grid_axes.index(a)
         if self._labels is None:
-            self._labels = torch.empty(mapping.source_shape, dtype=label_dtype(slab.num_classes))
+            self._labels = torch.empty(mapping.source_shape, dtype=torch_label_dtype(slab.num_classes))
             self._pending = np.ones(mapping.source_shape[b], dtype=bool)
         assert self._pending is not None
         values = slab.labels()[None] if self.exact else slab.probabilities()
