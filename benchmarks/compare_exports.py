@@ -20,11 +20,27 @@ import numpy as np
 EXPORTS = "nifti,dicom-seg,rtstruct,stats,overlays,secondary-capture,report,volumes"
 VOLATILE_KEYS = {"seconds", "started", "updated", "traceback", "model_sha256", "sha256", "inputs", "version"}
 VOLATILE_DICOM = {
-    "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "ContentDate",
-    "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
-    "StructureSetDate", "StructureSetTime", "MediaStorageSOPInstanceUID", "ImplementationVersionName",
-    "SoftwareVersions", "DeviceSerialNumber", "ReferencedSOPInstanceUID", "ImplementationClassUID",
-    "AcquisitionDateTime", "ReferencedFrameOfReferenceUID", "DimensionOrganizationUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "FrameOfReferenceUID",
+    "ContentDate",
+    "ContentTime",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "SeriesDate",
+    "SeriesTime",
+    "StructureSetDate",
+    "StructureSetTime",
+    "MediaStorageSOPInstanceUID",
+    "ImplementationVersionName",
+    "SoftwareVersions",
+    "DeviceSerialNumber",
+    "ReferencedSOPInstanceUID",
+    "ImplementationClassUID",
+    "AcquisitionDateTime",
+    "ReferencedFrameOfReferenceUID",
+    "DimensionOrganizationUID",
 }
 
 
@@ -63,9 +79,13 @@ def make(out: Path) -> None:
     aff = np.eye(4)
     aff[:3, :3] = np.diag([-0.9, 1.1, 2.5])
     aff[:3, 3] = [12.0, -30.0, 55.0]
-    write_dicom_series(blocks(8).astype(np.float32), aff, src / "dicom", modality="MR", series_description="T1")
+    write_dicom_series(
+        blocks(8).astype(np.float32), aff, src / "dicom", modality="MR", series_description="T1"
+    )
     (src / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
-    result = CliRunner().invoke(app, ["predict", str(src), str(out), "--model", str(bundle), "--export", EXPORTS])
+    result = CliRunner().invoke(
+        app, ["predict", str(src), str(out), "--model", str(bundle), "--export", EXPORTS]
+    )
     print(result.output[-2000:])
 
 

@@ -61,9 +61,22 @@ def choice_error(what: str, name: object, choices: object) -> str:
         >>> choice_error("model", "unet3", ["unet3d", "unet2d"])
         "model must be one of ['unet2d', 'unet3d'], got 'unet3'; did you mean 'unet3d'?"
     """
+    valid = sorted(str(c) for c in choices)  # type: ignore[attr-defined]
+    return f"{what} must be one of {valid}, got '{name}'{did_you_mean(name, valid)}"
+
+
+def did_you_mean(name: object, choices: object) -> str:
+    """``"; did you mean 'x'?"`` for the valid choice nearest ``name``, or ``""`` when none is close.
+
+    For messages that word the rest themselves (:func:`choice_error` lists every choice).
+
+    Examples:
+        >>> did_you_mean("dice_men", ["dice_mean", "hd95"])
+        "; did you mean 'dice_mean'?"
+        >>> did_you_mean("zzz", ["dice_mean"])
+        ''
+    """
     import difflib
 
-    valid = sorted(str(c) for c in choices)  # type: ignore[attr-defined]
-    msg = f"{what} must be one of {valid}, got '{name}'"
-    near = difflib.get_close_matches(str(name), valid, n=1)
-    return f"{msg}; did you mean '{near[0]}'?" if near else msg
+    near = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)  # type: ignore[attr-defined]
+    return f"; did you mean '{near[0]}'?" if near else ""

@@ -27,8 +27,10 @@ from monai.data import MetaTensor
 
 from medseg.bundle import Bundle, load_bundle
 from medseg.errors import GeometryError, InputError
+from medseg.geometry import spacing_from_affine
 from medseg.io import load_image, write_label_map
-from medseg.preprocess import build_preprocess, invert_to_source, spacing_from_affine
+from medseg.labelmap import label_dtype, torch_label_dtype
+from medseg.preprocess import build_preprocess, invert_to_source
 from medseg.preprocess.intensity import NormalizeChannelsd
 from medseg.refine import PostprocessConfig, RefineConfig, RefineReport, postprocess_with_report, refine
 from medseg.sources.models import ModelDescription
@@ -245,7 +247,7 @@ class Predictor:
             seconds["model"] = seconds.get("model", 0.0) + t2 - t1
             seconds["network"] = seconds.get("network", 0.0) + result.timings["forward"]
             seconds["to_source"] = seconds.get("to_source", 0.0) + t3 - t2 - seconds.get("refine", 0.0)
-        dtype = np.uint8 if self.spec.num_classes < 256 else np.uint16
+        dtype = label_dtype(self.spec.num_classes)
         affine = np.asarray(image.affine, dtype=np.float64)
         spacing = spacing_from_affine(affine)
         post = self.refine.postprocess
@@ -255,7 +257,7 @@ class Predictor:
         if labels is None:
             assert total is not None
             probs_src = total if len(self.bundles) == 1 else total.div_(len(self.bundles))
-            labels = argmax_channels(probs_src, torch.uint8 if self.spec.num_classes <= 256 else torch.int32)
+            labels = argmax_channels(probs_src, torch_label_dtype(self.spec.num_classes))
             labels = labels.numpy()
             entropy = foreground_entropy(probs_src, labels)
             if entropy is not None:

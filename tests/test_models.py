@@ -130,7 +130,8 @@ def test_model_compiles_without_graph_breaks(name: str) -> None:
 
 def test_unknown_model_and_bad_params_list_the_choices() -> None:
     with pytest.raises(
-        ConfigError, match=r"unknown model 'unet3'; did you mean 'unet3d'\? choices: .*deeplabv3plus3d"
+        ConfigError,
+        match=r"model must be one of \[.*'deeplabv3plus3d'.*\], got 'unet3'; did you mean 'unet3d'\?",
     ):
         m.create_model("unet3", 1, 2)
     with pytest.raises(

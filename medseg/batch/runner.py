@@ -15,7 +15,6 @@ network then keeps both cores busy while the other scan is in the single-threade
 from __future__ import annotations
 
 import contextlib
-import difflib
 import shutil
 import sys
 import threading
@@ -38,7 +37,7 @@ from medseg.batch.job import (
     write_outputs,
 )
 from medseg.batch.manifest import Manifest, check_existing
-from medseg.errors import ConfigError, InputError, optional_import
+from medseg.errors import ConfigError, InputError, choice_error, optional_import
 from medseg.sources.folder import Scan, ScanFilter, discover
 
 if TYPE_CHECKING:
@@ -67,11 +66,7 @@ class Engine(str, Enum):
         try:
             return cls(engine)
         except ValueError:
-            choices = [e.value for e in cls]
-            near = difflib.get_close_matches(str(engine), choices, n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else ""
-            msg = f"unknown engine '{engine}'{hint} choices: {', '.join(choices)}"
-            raise ConfigError(msg) from None
+            raise ConfigError(choice_error("engine", engine, [e.value for e in cls])) from None
 
 
 @dataclass

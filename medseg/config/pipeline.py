@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from medseg.config.base import Axes3, FrozenModel, distinct_axes, dump_yaml, read_yaml, validate
+from medseg.config.refine import RefineConfig
 from medseg.config.spec import DatasetSpec, IntensitySpec
-from medseg.refine.config import RefineConfig
 
 Size3 = tuple[PositiveInt, PositiveInt, PositiveInt]
 Spacing3 = tuple[PositiveFloat, PositiveFloat, PositiveFloat]

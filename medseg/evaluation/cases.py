@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from medseg.config.spec import LoadedSpec, ResolvedCase
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, did_you_mean
 
 PREDICTION_FILE = "labels.nii.gz"  # what medseg.batch.runner writes per case
 _FLAT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -103,8 +102,7 @@ def select_cases(
         return every
     unknown = [i for i in ids if i not in by_id]
     if unknown:
-        near = difflib.get_close_matches(unknown[0], list(by_id), n=1)
-        hint = f"; did you mean '{near[0]}'?" if near else ""
+        hint = did_you_mean(unknown[0], by_id)
         msg = f"case ids must be cases of spec '{loaded.spec.name}', got unknown {unknown[:5]}{hint}"
         raise ConfigError(msg)
     return [by_id[i] for i in ids]

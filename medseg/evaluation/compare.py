@@ -17,7 +17,6 @@ Examples:
 
 from __future__ import annotations
 
-import difflib
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, did_you_mean
 from medseg.evaluation.runs import (
     RunRecord,
     default_metrics,
@@ -276,9 +275,7 @@ def compare_runs(
     logged = sorted({k for r in runs for k in r.metrics})
     for name in [*chosen, *([key] if key else [])]:
         if name not in logged:
-            near = difflib.get_close_matches(name, logged, n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else ""
-            msg = f"metric '{name}' must be logged by at least one of the runs{hint}"
+            msg = f"metric '{name}' must be logged by at least one of the runs{did_you_mean(name, logged)}"
             raise ConfigError(msg)
     if key is not None:
         if ascending is None:

@@ -46,7 +46,9 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import InputError
-from medseg.labelmap import label_dtype
+from medseg.geometry import spacing_from_affine as spacing_from_affine  # re-exported
+from medseg.geometry import voxel_volume_ml as voxel_volume_ml  # re-exported
+from medseg.labelmap import dice_from_counts, label_dtype
 
 DEFAULT_TOLERANCE_MM = 1.0
 HD_PERCENTILE = 95.0
@@ -90,27 +92,6 @@ class LabelScores:
     def as_dict(self) -> dict[str, object]:
         """The fields as a plain dict (NaN kept)."""
         return asdict(self)
-
-
-def spacing_from_affine(affine: np.ndarray) -> tuple[float, ...]:
-    """Voxel spacing in mm: the lengths of the affine's first three columns.
-
-    Examples:
-        >>> spacing_from_affine(np.diag([0.8, 0.8, 2.5, 1.0]))
-        (0.8, 0.8, 2.5)
-    """
-    aff = np.asarray(affine, dtype=np.float64)
-    return tuple(float(s) for s in np.linalg.norm(aff[:3, :3], axis=0))
-
-
-def voxel_volume_ml(affine: np.ndarray) -> float:
-    """The volume of one voxel in mL (``|det|`` of the affine's 3x3 part, over 1000 mm³).
-
-    Examples:
-        >>> round(voxel_volume_ml(np.diag([2.0, 2.0, 2.5, 1.0])), 6)
-        0.01
-    """
-    return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
@@ -251,7 +232,7 @@ def score_labels(
         else:
             box = _union_box(pred_boxes[v - 1], ref_boxes[v - 1])
             d_pr, d_rp = surface_distances(pred_i[box] == v, ref_i[box] == v, spacing)
-            dice = 2.0 * int(inter[v]) / (n_pred + n_ref)
+            dice = dice_from_counts(int(inter[v]), n_pred, n_ref)
             hd = hausdorff_percentile(d_pr, d_rp, percentile)
             nsd = surface_dice_from_distances(d_pr, d_rp, tolerance_mm)
             rel, note = diff_ml / ref_ml, ""

@@ -121,7 +121,9 @@ def place_series(
     if len(set(ks)) != len(ks):
         msg = "DICOM series slice positions must be distinct, got two instances at one position"
         raise GeometryError(msg)
-    return SeriesGrid(tuple(headers[i] for i in order), np.asarray(affine, dtype=np.float64), grid_shape, tuple(ks))
+    return SeriesGrid(
+        tuple(headers[i] for i in order), np.asarray(affine, dtype=np.float64), grid_shape, tuple(ks)
+    )
 
 
 def _slice_of(

@@ -21,6 +21,7 @@ import numpy as np
 from medseg.errors import optional_import
 from medseg.export.case import CaseExport
 from medseg.export.labels import LabelEntry
+from medseg.geometry import spacing_from_affine
 from medseg.io.atomic import atomic_path
 
 OVERLAY_DIR = "overlays"
@@ -72,7 +73,7 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     from nibabel.orientations import apply_orientation, io_orientation
 
     ornt = io_orientation(np.asarray(affine, dtype=np.float64))
-    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    spacing = np.asarray(spacing_from_affine(affine))
     out_spacing = np.empty(3)
     out_spacing[ornt[:, 0].astype(int)] = spacing
     return apply_orientation(array, ornt), out_spacing

@@ -26,6 +26,7 @@ import numpy as np
 
 from medseg.export.case import CaseExport
 from medseg.export.labels import LabelEntry
+from medseg.geometry import voxel_volume_ml
 from medseg.io.atomic import atomic_write_text
 
 STATS_JSON = "stats.json"
@@ -53,7 +54,7 @@ def label_stats(
     """
     from scipy import ndimage
 
-    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    voxel_ml = voxel_volume_ml(affine)
     labels = np.asarray(labels)
     structure = np.ones((3, 3, 3), dtype=bool)
     boxes = ndimage.find_objects(labels) if labels.size else []  # bounding box per value, one pass

@@ -355,7 +355,6 @@ def read_series(
     else:
         slice_vec = normal * slice_spacing
 
-
     array = stack_pixels(datasets, files, shape)
     meta = {
         "modality": str(first.get("Modality", "")),

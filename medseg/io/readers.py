@@ -19,8 +19,8 @@ import numpy as np
 from monai.data.image_reader import ImageReader, _copy_compatible_dict, _stack_images
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-from medseg.geometry import lps_to_ras
 from medseg.errors import InputError
+from medseg.geometry import lps_to_ras
 from medseg.io.dicom_series import DicomVolume, read_series
 
 PathLike = str | Path

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.io.atomic import atomic_path
 from medseg.geometry import LPS_TO_RAS
+from medseg.io.atomic import atomic_path
 from medseg.labelmap import label_dtype
 
 try:  # ISA-L deflates several times faster than zlib at the same (fastest) level; optional

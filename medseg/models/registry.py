@@ -27,7 +27,6 @@ Examples:
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from medseg.config.base import FrozenModel, format_validation_error
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, choice_error
 
 Divisor = int | tuple[int, ...]
 MemoryFormat = Literal["contiguous", "channels_last"]
@@ -140,10 +139,7 @@ def model_entry(name: str) -> ModelEntry:
         ConfigError: For an unknown name, suggesting the nearest and listing the choices.
     """
     if name not in _REGISTRY:
-        near = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f"; did you mean '{near[0]}'?" if near else ""
-        msg = f"unknown model '{name}'{hint} choices: {', '.join(available_models())}"
-        raise ConfigError(msg)
+        raise ConfigError(choice_error("model", name, available_models()))
     return _REGISTRY[name]
 
 

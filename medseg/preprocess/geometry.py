@@ -23,36 +23,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
+from medseg.geometry import spacing_from_affine as spacing_from_affine  # re-exported
 
 #: Relative tolerance under which two spacings count as equal.
 SPACING_RTOL = 1e-5
-
-
-def spacing_from_affine(affine: np.ndarray | Sequence[Sequence[float]]) -> tuple[float, ...]:
-    """Voxel spacing (mm per voxel axis) of an affine: the lengths of its direction columns.
-
-    Works for oblique and flipped affines alike (a flip does not change a spacing).
-
-    Args:
-        affine: A ``(d+1, d+1)`` homogeneous voxel-to-world matrix.
-
-    Returns:
-        The ``d`` spacings, in voxel-axis order.
-
-    Raises:
-        ValueError: If ``affine`` is not square with at least 2 rows.
-
-    Examples:
-        >>> spacing_from_affine([[0, -2.0, 0, 5], [1.5, 0, 0, 0], [0, 0, -3.0, 1], [0, 0, 0, 1]])
-        (1.5, 2.0, 3.0)
-    """
-    a = np.asarray(affine, dtype=np.float64)
-    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 2:
-        msg = f"affine must be a square (d+1, d+1) matrix, got shape {a.shape}"
-        raise ValueError(msg)
-    d = a.shape[0] - 1
-    return tuple(float(v) for v in np.linalg.norm(a[:d, :d], axis=0))
 
 
 def _check_spacing(spacing: Sequence[float], name: str = "spacing") -> tuple[float, ...]:

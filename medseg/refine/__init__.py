@@ -1,6 +1,6 @@
 """Refinement of stitched probabilities: a dense CRF, then classic post-processing.
 
-* :mod:`~medseg.refine.config`: :class:`DenseCRFConfig`, :class:`PostprocessConfig` (per label
+* :mod:`~medseg.config.refine`: :class:`DenseCRFConfig`, :class:`PostprocessConfig` (per label
   :class:`LabelPostprocess`) and :class:`RefineConfig`, the ``refine:`` section of a pipeline.
 * :mod:`~medseg.refine.crf`: :func:`dense_crf`, mean-field inference of a fully connected CRF (2D/3D,
   spacing-aware, CPU and CUDA).
@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from medseg.refine.config import DenseCRFConfig, LabelPostprocess, PostprocessConfig, RefineConfig
+from medseg.config.refine import DenseCRFConfig, LabelPostprocess, PostprocessConfig, RefineConfig
 
 _LAZY = {
     "Block": "blocks",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medseg.refine.config import DenseCRFConfig
+from medseg.config.refine import DenseCRFConfig
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ Three operations, each doing exactly one thing to one label's mask:
 * :func:`fill_holes`: background voxels enclosed by the label (not connected to the grid's border
   through background or other labels' voxels) get the label; other labels are never overwritten.
 
-:func:`postprocess` applies a :class:`~medseg.refine.config.PostprocessConfig`;
+:func:`postprocess` applies a :class:`~medseg.config.refine.PostprocessConfig`;
 :func:`choose_postprocessing` picks, per label, the operations that raise the mean Dice on validation
 cases (greedily, each kept only if it improves), and returns a config that can be stored with the model.
 
@@ -31,8 +31,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from medseg.config.refine import LabelPostprocess, PostprocessConfig
 from medseg.errors import InputError
-from medseg.refine.config import LabelPostprocess, PostprocessConfig
+from medseg.labelmap import dice
 
 _MIN_SIZE_FRACTIONS = (0.1, 0.25, 0.5)
 """Candidate island sizes, as fractions of the smallest true component of a label."""
@@ -197,15 +198,9 @@ def postprocess(
     return out
 
 
-def dice(pred: np.ndarray, truth: np.ndarray, label: int) -> float:
-    """Dice of one label; ``nan`` when the label is absent from both."""
-    p, t = pred == label, truth == label
-    denom = int(p.sum()) + int(t.sum())
-    return 2.0 * int((p & t).sum()) / denom if denom else float("nan")
-
-
 def _mean_dice(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], label: int) -> float:
-    scores = [dice(p, t, label) for p, t in zip(preds, truths)]
+    """Mean Dice of one label over cases, leaving out those where it is absent from both."""
+    scores = [dice(p, t, label, empty=math.nan) for p, t in zip(preds, truths)]
     scores = [s for s in scores if not math.isnan(s)]
     return float(np.mean(scores)) if scores else float("nan")
 

@@ -46,9 +46,9 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from medseg.config.refine import DenseCRFConfig
 from medseg.errors import InputError
 from medseg.refine.blocks import CRFInfo, cpu_threads, foreground_box, plan_blocks, threads_for
-from medseg.refine.config import DenseCRFConfig
 from medseg.refine.gaussian import SeparableGaussian, outer
 from medseg.refine.lattice import PermutohedralLattice
 from medseg.refine.memory import reuse_freed_memory

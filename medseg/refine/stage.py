@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from medseg.config.refine import DenseCRFConfig, PostprocessConfig
+from medseg.labelmap import label_dtype
 from medseg.refine.components import postprocess
-from medseg.refine.config import DenseCRFConfig, PostprocessConfig
 from medseg.refine.crf import as_plain_tensor, iter_blocks, plan_crf
 
 
@@ -102,10 +103,6 @@ def postprocess_with_report(
     return final, report
 
 
-def _labels_dtype(n_labels: int) -> np.dtype:
-    return np.dtype(np.uint8) if n_labels <= 256 else np.dtype(np.int32)
-
-
 def _argmax(probs: torch.Tensor, dtype: np.dtype, chunk_voxels: int = 1 << 22) -> np.ndarray:
     """Argmax over labels as a CPU array of ``dtype``, slab by slab (no full-size int64 map)."""
     probs = as_plain_tensor(probs)
@@ -143,7 +140,7 @@ def refine(
     """
     t0 = time.perf_counter()
     info = plan_crf(probs, image, spacing, crf_cfg)
-    dtype = _labels_dtype(probs.shape[0])
+    dtype = label_dtype(probs.shape[0])
     before = _argmax(probs, dtype)
     labels = before.copy()
     for core, q in iter_blocks(probs, image, spacing, crf_cfg, info):

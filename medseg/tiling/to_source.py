@@ -33,9 +33,9 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from medseg.errors import GeometryError
+from medseg.labelmap import torch_label_dtype
 from medseg.preprocess.geometry import plan_resampling, separate_slice_axis, spacing_from_affine
 from medseg.preprocess.spacing import ResampleToSpacingd
-from medseg.labelmap import torch_label_dtype
 from medseg.tiling.slab import Slab, argmax_channels
 
 _SNAP = 1e-6  # grid coordinates this close to an integer are taken as that integer

@@ -12,7 +12,6 @@ silenced unless ``MLFLOW_LOGGING_LEVEL`` is set, and its usage telemetry off unl
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from medseg.errors import ConfigError, optional_import
+from medseg.errors import ConfigError, choice_error, optional_import
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -50,11 +49,7 @@ class RunKind(str, Enum):
         try:
             return cls(kind)
         except ValueError:
-            choices = [k.value for k in cls]
-            near = difflib.get_close_matches(str(kind), choices, n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else ""
-            msg = f"unknown run kind '{kind}'{hint} choices: {', '.join(choices)}"
-            raise ConfigError(msg) from None
+            raise ConfigError(choice_error("run kind", kind, [k.value for k in cls])) from None
 
 
 def tracking_uri() -> str:

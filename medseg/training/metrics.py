@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from medseg.labelmap import dice
+
 
 def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: Iterable[int]) -> dict[int, float]:
     """Dice coefficient per label.
@@ -32,7 +34,5 @@ def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: Iterable[int]) -
         raise ValueError(msg)
     out: dict[int, float] = {}
     for v in labels:
-        p, t = pred == v, truth == v
-        denom = int(p.sum()) + int(t.sum())
-        out[int(v)] = 1.0 if denom == 0 else 2.0 * float(np.logical_and(p, t).sum()) / denom
+        out[int(v)] = dice(pred, truth, int(v))
     return out

@@ -17,6 +17,7 @@ import yaml
 from medseg.config.base import validate
 from medseg.config.pipeline import PipelineConfig
 from medseg.config.spec import LoadedSpec, Modality
+from medseg.geometry import spacing_from_affine
 from medseg.io.atomic import atomic_write_text
 
 SAMPLES_PER_CASE = 10_000
@@ -55,7 +56,7 @@ def _ras_spacing_shape(
 ) -> tuple[tuple[float, ...], tuple[int, ...]]:
     import nibabel as nib
 
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = np.asarray(spacing_from_affine(affine))
     ornt = nib.orientations.io_orientation(affine)
     ras_spacing = [0.0, 0.0, 0.0]
     ras_shape = [0, 0, 0]
