@@ -56,8 +56,10 @@ def dice_from_counts(intersection: int, n_pred: int, n_ref: int, *, empty: float
     """Dice ``2 |P & R| / (|P| + |R|)`` from voxel counts; ``empty`` when both are empty.
 
     Examples:
-        >>> dice_from_counts(3, 4, 4), dice_from_counts(0, 0, 0), dice_from_counts(0, 0, 0, empty=float("nan"))
-        (0.75, 1.0, nan)
+        >>> dice_from_counts(3, 4, 4), dice_from_counts(0, 0, 0)
+        (0.75, 1.0)
+        >>> dice_from_counts(0, 0, 0, empty=float("nan"))
+        nan
     """
     total = n_pred + n_ref
     return 2.0 * intersection / total if total else empty

@@ -132,7 +132,7 @@ def refine(
         post_cfg: The post-processing settings (``enabled=False`` skips it).
 
     Returns:
-        The ``(*spatial)`` label map (uint8 for up to 256 labels, else int32) on the CPU, and the
+        The ``(*spatial)`` label map (in :func:`~medseg.labelmap.label_dtype`) on the CPU, and the
         :class:`RefineReport`.
 
     Raises:
