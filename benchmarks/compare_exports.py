@@ -10,6 +10,7 @@ there is one.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import sys
@@ -18,7 +19,18 @@ from pathlib import Path
 import numpy as np
 
 EXPORTS = "nifti,dicom-seg,rtstruct,stats,overlays,secondary-capture,report,volumes"
-VOLATILE_KEYS = {"seconds", "started", "updated", "traceback", "model_sha256", "sha256", "inputs", "version"}
+VOLATILE_KEYS = {
+    "seconds",
+    "started",
+    "updated",
+    "traceback",
+    "model_sha256",
+    "sha256",
+    "inputs",
+    "version",
+    "fingerprint",
+}
+ORDERLESS_KEYS = {"outputs"}  # the same files, listed in the order they were written
 VOLATILE_DICOM = {
     "SOPInstanceUID",
     "SeriesInstanceUID",
@@ -41,6 +53,9 @@ VOLATILE_DICOM = {
     "AcquisitionDateTime",
     "ReferencedFrameOfReferenceUID",
     "DimensionOrganizationUID",
+    "TimeOfSecondaryCapture",
+    "DateOfSecondaryCapture",
+    "ContributionDateTime",
 }
 
 
@@ -91,21 +106,31 @@ def make(out: Path) -> None:
 
 def _mask_json(value: object) -> object:
     if isinstance(value, dict):
-        return {k: ("<masked>" if k in VOLATILE_KEYS else _mask_json(v)) for k, v in value.items()}
+        return {
+            k: "<masked>"
+            if k in VOLATILE_KEYS
+            else sorted(_mask_json(v))
+            if k in ORDERLESS_KEYS
+            else _mask_json(v)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_mask_json(v) for v in value]
-    return value
+    return _mask_text(value) if isinstance(value, str) else value
 
 
 def _mask_text(text: str) -> str:
     text = re.sub(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d(:\d\d)?([+-]\d{4})?", "<time>", text)
     text = re.sub(r"(/[\w.+-]+)+/(in|out)[\w-]*", "<path>", text)
     text = re.sub(r"-\d+(?=/|$)", "", text)
-    return text
+    text = re.sub(r"dicom-[0-9a-f]{12}", "dicom-<id>", text)  # the case id hashes a random series UID
+    text = re.sub(r"\b[0-9a-f]{24}\b", "<fingerprint>", text)
+    text = re.sub(r"bundle_sha256=[0-9a-f]{64}", "bundle_sha256=<sha>", text)
+    return re.sub(r"bundle [0-9a-f]{16}", "bundle <sha>", text)
 
 
 def _norm_html(text: str) -> str:
-    text = _mask_text(text)
+    text = _mask_text(html.unescape(text))  # &quot; and &#34; are one character
     text = re.sub(r">\s+<", "><", text)
     return re.sub(r"\s+", " ", text).strip()
 
@@ -139,26 +164,49 @@ def _content(path: Path) -> object:
         img = nib.load(path)
         data = np.asarray(img.dataobj)
         return (str(data.dtype), data.shape, data.tobytes(), np.round(img.affine, 6).tolist())
+    if name == "manifest.csv":  # its outputs column lists the files in the order they were written
+        import csv
+
+        rows = list(csv.DictReader(_mask_text(path.read_text()).splitlines()))
+        for row in rows:
+            row["outputs"] = ";".join(sorted(row["outputs"].split(";")))
+            row["seconds_total"] = "<masked>"
+        return rows
+    if name.endswith(".png"):
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(path))
+        if "dicom-" in str(path):  # the title names the case: a hash of the series' random UID
+            pixels = pixels[24:]
+        return (pixels.shape, pixels.tobytes())
     if name.endswith((".csv", ".txt", ".ctbl")):
         return _mask_text(path.read_text())
     return path.read_bytes()
 
 
+def _rel(path: Path, root: Path) -> str:
+    return re.sub(r"dicom-[0-9a-f]{12}", "dicom-<id>", str(path.relative_to(root)))
+
+
 def diff(a: Path, b: Path) -> int:
     """Print the differences between two batch folders; the number of differing files."""
-    files_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file()}
-    files_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file()}
+    files_a = {_rel(p, a): p for p in a.rglob("*") if p.is_file()}
+    files_b = {_rel(p, b): p for p in b.rglob("*") if p.is_file()}
     bad = 0
-    for only, where in ((files_a - files_b, a), (files_b - files_a, b)):
+    for only, where in ((files_a.keys() - files_b.keys(), a), (files_b.keys() - files_a.keys(), b)):
         for p in sorted(only):
             print(f"only in {where}: {p}")
             bad += 1
-    for p in sorted(files_a & files_b):
-        ca, cb = _content(a / p), _content(b / p)
+    for p in sorted(files_a.keys() & files_b.keys()):
+        ca, cb = _content(files_a[p]), _content(files_b[p])
         if ca != cb:
             bad += 1
             print(f"differs: {p}")
-            if isinstance(ca, list) and isinstance(cb, list):
+            if isinstance(ca, dict) and isinstance(cb, dict):
+                for k in sorted(ca.keys() | cb.keys()):
+                    if ca.get(k) != cb.get(k):
+                        print(f"  {k}: {ca.get(k)!r}\n  {k}: {cb.get(k)!r}")
+            elif isinstance(ca, list) and isinstance(cb, list):
                 for x, y in zip(ca, cb):
                     if x != y:
                         print(f"  {x}\n  {y}")
@@ -168,7 +216,7 @@ def diff(a: Path, b: Path) -> int:
                 print(f"  {ca[max(0, i - 80) : i + 120]!r}\n  {cb[max(0, i - 80) : i + 120]!r}")
             else:
                 print(f"  {str(ca)[:300]}\n  {str(cb)[:300]}")
-    print(f"{len(files_a & files_b)} common files, {bad} difference(s)")
+    print(f"{len(files_a.keys() & files_b.keys())} common files, {bad} difference(s)")
     return bad
 
 

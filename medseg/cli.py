@@ -540,19 +540,18 @@ def _group_table(grouped: Any) -> Any:
     return table
 
 
-def _export_names(text: str, batch: bool = True) -> list[str]:
+def _export_names(text: str) -> list[str]:
     """Export names from ``--export`` (``default``, ``none``, or a list); exits 2 for an unknown name.
 
     ``default`` leaves out, with a note, exports whose optional dependency is not installed; a name
-    asked for explicitly fails instead. ``batch`` also accepts the batch runner's own exports.
+    asked for explicitly fails instead.
     """
-    from medseg.batch.exports import EXPORTERS
     from medseg.errors import MedsegError
-    from medseg.export import CASE_EXPORTS, parse_exports
+    from medseg.export import parse_exports
     from medseg.export.registry import check_dependencies, missing_dependency
 
     try:
-        names = list(parse_exports(text, known=EXPORTERS if batch else CASE_EXPORTS))
+        names = list(parse_exports(text))
         if text.strip().lower() == "default":  # the default skips what is not installed, saying so
             for why in filter(None, map(missing_dependency, names)):
                 typer.echo(f"medseg: note: {why}; skipping it", err=True)
@@ -601,8 +600,9 @@ def export_command(
     label map made elsewhere into a DICOM SEG (and more) for that series. Exit status 1 when some
     cases failed.
     """
+    from medseg.batch.outputs import export_folder
     from medseg.errors import MedsegError
-    from medseg.export import convert_label_map, export_folder, label_table, read_label_names
+    from medseg.export import convert_label_map, label_table, read_label_names
 
     convert = image is not None or labels is not None
     if convert and (image is None or labels is None or out is None):
@@ -612,7 +612,7 @@ def export_command(
     if spec is not None and label_names is not None:
         _fail("give at most one of --spec and --label-names")
     try:
-        names = _export_names(export or ("dicom-seg,nifti" if convert else "default"), batch=False)
+        names = _export_names(export or ("dicom-seg,nifti" if convert else "default"))
         table = None
         if spec is not None:
             from medseg.export.labels import spec_label_table

@@ -13,14 +13,14 @@ import os
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg.labelmap import LABEL_FILE
 from medseg.sources.folder import Scan
 
-LABEL_FILE = "labels.nii.gz"
 PROBABILITY_FILE = "probabilities.nii.gz"
 RESULT_FILE = "result.json"
 TMP_PREFIX = ".tmp-"
@@ -53,7 +53,7 @@ class ScanJob:
         fingerprint: Fingerprint of its input files.
         model_sha256: Hash(es) of the model bundle(s), recorded with the outputs.
         keep_probabilities: Also write the class probabilities (float32 NIfTI).
-        exports: Names of the exports to run (see :mod:`medseg.batch.exports`).
+        exports: Names of the exports to run (see :mod:`medseg.export.registry`).
     """
 
     scan: Scan
@@ -175,12 +175,7 @@ def segment_scan(job: ScanJob, predictor: Any, *, image: Any = None) -> Segmente
     return Segmented(job, result, kept, prediction, predictor, t0)
 
 
-def write_outputs(
-    segmented: Segmented,
-    out_root: Path,
-    *,
-    exporters: dict[str, Callable[..., list[Path]]] | None = None,
-) -> JobResult:
+def write_outputs(segmented: Segmented, out_root: Path) -> JobResult:
     """Write a segmented scan's outputs into ``out_root/<case_id>/``, all or nothing; never raises.
 
     Outputs are written into a temporary folder that is renamed into place only when everything,
@@ -191,9 +186,6 @@ def write_outputs(
     Args:
         segmented: What :func:`segment_scan` returned.
         out_root: The batch's output folder.
-        exporters: Export functions by name, called as
-            ``fn(case_dir, image=, prediction=, job=, predictor=)`` and returning the files they wrote
-            (inside ``case_dir``).
 
     Returns:
         The :class:`JobResult`: status ``ok`` or ``failed`` with a one-sentence error.
@@ -219,13 +211,11 @@ def write_outputs(
             written.append(
                 write_probabilities(prediction.probabilities, prediction.affine, tmp / PROBABILITY_FILE)
             )
-        for name in job.exports:
-            if exporters is None or name not in exporters:
-                msg = f"export must be one of {sorted(exporters or {})}, got '{name}'"
-                raise ValueError(msg)
-            written += exporters[name](
-                tmp, image=segmented.image, prediction=prediction, job=job, predictor=segmented.predictor
-            )
+        if job.exports:  # one case record, every export, one case.json
+            from medseg.export import case_from_prediction, export_case
+
+            case = case_from_prediction(segmented.image, prediction, job.scan, segmented.predictor)
+            written += export_case(case, tmp, job.exports, keep_going=True)
         result.seconds["write"] = time.perf_counter() - t1
         result.status = "ok"
         result.outputs = [str(Path(case_id) / p.relative_to(tmp)) for p in written]
@@ -256,7 +246,6 @@ def run_job(
     out_root: Path,
     *,
     image: Any = None,
-    exporters: dict[str, Callable[..., list[Path]]] | None = None,
 ) -> JobResult:
     """Segment one scan into ``out_root/<case_id>/``; never raises for a bad scan.
 
@@ -269,9 +258,8 @@ def run_job(
         predictor: A loaded :class:`~medseg.pipeline.Predictor`.
         out_root: The batch's output folder.
         image: The scan already loaded (by a prefetching thread), or ``None`` to load it here.
-        exporters: Export functions by name (see :func:`write_outputs`).
 
     Returns:
         The :class:`JobResult`: status ``ok`` or ``failed`` with a one-sentence error.
     """
-    return write_outputs(segment_scan(job, predictor, image=image), out_root, exporters=exporters)
+    return write_outputs(segment_scan(job, predictor, image=image), out_root)

@@ -1,4 +1,9 @@
-"""The batch manifest: ``OUT/manifest.json`` and ``OUT/manifest.csv``, rewritten as scans finish."""
+"""The batch manifest: ``OUT/manifest.json`` and ``OUT/manifest.csv``, rewritten as scans finish.
+
+This module is the manifest's only writer: the runner records each scan's outcome; exports made
+later (:mod:`medseg.batch.outputs`) are added to a case's entry and ``result.json`` by
+:func:`record_outputs`. :func:`batch_cases` gives the cases of a batch folder to the exports.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,19 @@ import csv
 import io
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medseg.errors import InputError
+from medseg.export.batch import BatchCase
 from medseg.io.atomic import atomic_write_text
+from medseg.labelmap import LABEL_FILE
 
 MANIFEST_JSON = "manifest.json"
 MANIFEST_CSV = "manifest.csv"
+RESULT_JSON = "result.json"
 CSV_FIELDS = (
     "case_id",
     "status",
@@ -87,6 +96,76 @@ class Manifest:
         for s in self.skipped:
             writer.writerow({"case_id": "", "status": "skipped", "inputs": s["path"], "error": s["reason"]})
         atomic_write_text(out / MANIFEST_CSV, buf.getvalue())
+
+    @classmethod
+    def load(cls, out: Path) -> Manifest | None:
+        """The manifest of a batch folder, or ``None`` where there is none (or it is unreadable)."""
+        try:
+            data = json.loads((Path(out) / MANIFEST_JSON).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        return cls(
+            model_sha256=data.get("model_sha256", ""),
+            entries={e["case_id"]: e for e in data.get("scans", [])},
+            skipped=data.get("skipped", []),
+            started=data.get("started", ""),
+        )
+
+
+def _batch_case(entry: dict[str, Any]) -> BatchCase:
+    return BatchCase(
+        case_id=str(entry["case_id"]),
+        status=str(entry.get("status", "?")),
+        inputs=tuple(Path(p) for p in entry.get("inputs", [])),
+        outputs=tuple(str(p) for p in entry.get("outputs", [])),
+        error=entry.get("error"),
+        quality=dict(entry.get("quality") or {}),
+        refine=entry.get("refine"),
+    )
+
+
+def batch_cases(out: Path) -> list[BatchCase]:
+    """The scans of a batch folder: from ``manifest.json``; without one, from the case folders.
+
+    Without a manifest, each ``<case>/result.json`` gives a case, and a folder holding only a
+    label map counts as segmented.
+    """
+    out = Path(out)
+    manifest = Manifest.load(out)
+    if manifest is not None:
+        return [_batch_case(e) for e in manifest.entries.values()]
+    cases: dict[str, BatchCase] = {}
+    for result in sorted(out.glob(f"*/{RESULT_JSON}")):
+        try:
+            data = json.loads(result.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            continue
+        cases[result.parent.name] = _batch_case({**data, "case_id": result.parent.name})
+    for labels in sorted(out.glob(f"*/{LABEL_FILE}")):
+        cases.setdefault(labels.parent.name, BatchCase(labels.parent.name, "ok"))
+    return [cases[k] for k in sorted(cases)]
+
+
+def record_outputs(out: Path, case_id: str, written: Sequence[Path]) -> None:
+    """Add files written into a case folder to its ``result.json`` and manifest entry.
+
+    So that resuming checks them and the review page lists them.
+    """
+    out = Path(out)
+    rel = [str(Path(case_id) / Path(p).relative_to(out / case_id)) for p in written]
+    result_path = out / case_id / RESULT_JSON
+    try:
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        result = None
+    if result is not None:
+        result["outputs"] = list(dict.fromkeys([*result.get("outputs", []), *rel]))
+        atomic_write_text(result_path, json.dumps(result, indent=1))
+    manifest = Manifest.load(out)
+    entry = manifest.entries.get(case_id) if manifest is not None else None
+    if manifest is not None and entry is not None:
+        entry["outputs"] = list(dict.fromkeys([*entry.get("outputs", []), *rel]))
+        manifest.save(out)
 
 
 def _number(value: float | None) -> str:

@@ -95,14 +95,11 @@ class ScanWorker:
             raise TypeError(msg)
         import torch
 
-        from medseg.batch.exports import EXPORTERS
-
         torch.set_num_threads(max(1, threads))
         predictor.device = torch.device(device)
         for bundle in predictor.bundles:
             bundle.network.to(predictor.device).eval()
         self.predictor = predictor
-        self.exporters = EXPORTERS
 
     def ready(self) -> int:
         """The worker's process id, once the model is loaded."""
@@ -110,7 +107,7 @@ class ScanWorker:
 
     def run(self, job: ScanJob, out_root: str) -> JobResult:
         """Run one job (see :func:`~medseg.batch.job.run_job`)."""
-        return run_job(job, self.predictor, Path(out_root), exporters=self.exporters)
+        return run_job(job, self.predictor, Path(out_root))
 
 
 def _absolute(job: ScanJob) -> ScanJob:

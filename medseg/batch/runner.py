@@ -43,8 +43,6 @@ from medseg.sources.folder import Scan, ScanFilter, discover
 if TYPE_CHECKING:
     from medseg.batch.ray_engine import RaySettings
 
-LABEL_FILE = "labels.nii.gz"
-
 
 class Engine(str, Enum):
     """Where a batch's jobs run."""
@@ -196,10 +194,10 @@ class _ThreadShare:
             torch.set_num_threads(n)
 
 
-def _write(segmented: Segmented, out: Path, exporters: dict[str, Any]) -> JobResult:
+def _write(segmented: Segmented, out: Path) -> JobResult:
     """:func:`write_outputs` in the writing thread."""
     _one_thread()
-    return write_outputs(segmented, out, exporters=exporters)
+    return write_outputs(segmented, out)
 
 
 def _segment_loaded(job: ScanJob, predictor: Any, image: Future, share: _ThreadShare) -> Segmented:
@@ -235,12 +233,11 @@ def _local_results(
     """
     import torch
 
-    from medseg.batch.exports import EXPORTERS
     from medseg.refine.memory import reuse_freed_memory
 
     if not overlap:
         for job in jobs:
-            yield job, write_outputs(segment_scan(job, predictor), out, exporters=EXPORTERS)
+            yield job, write_outputs(segment_scan(job, predictor), out)
         return
     if not jobs:
         return
@@ -283,7 +280,7 @@ def _local_results(
                 if future in segmenting:
                     job = segmenting.pop(future)
                     segmented = future.result()
-                    writing[writer.submit(_write, segmented, out, EXPORTERS)] = job
+                    writing[writer.submit(_write, segmented, out)] = job
                     del segmented
                 else:
                     yield writing.pop(future), future.result()
@@ -355,7 +352,7 @@ def run_prediction(
         echo: Where to print one line per scan.
         scan_filter: Which DICOM series to process.
         keep_probabilities: Also write class probabilities per scan.
-        exports: Extra per-scan exports by name (see :mod:`medseg.batch.exports`).
+        exports: Per-scan exports by name (see :mod:`medseg.export.registry`).
         overwrite: Allow an output folder made with another model.
         prefetch: Load the next scan and write the previous one's outputs while the current one is
             segmented (local engine).
@@ -376,7 +373,7 @@ def run_prediction(
         InputError: No scan found, or ``out_dir`` made with another model.
         ConfigError: A model bundle that cannot be loaded.
     """
-    from medseg.batch.exports import EXPORTERS
+    from medseg.export.registry import parse_exports
     from medseg.pipeline import Predictor
     from medseg.tracking import tracked_run
 
@@ -392,10 +389,7 @@ def run_prediction(
     if not found.scans:
         msg = f"input must hold at least one scan (NIfTI, NRRD, MHA or DICOM series), got none in {source}"
         raise InputError(msg)
-    for name in exports:
-        if name not in EXPORTERS:
-            msg = f"export must be one of {sorted(EXPORTERS)}, got '{name}'"
-            raise InputError(msg)
+    exports = list(parse_exports(list(exports)))
     # the Ray engine ships the predictor to its workers, which move it to their device
     predictor = Predictor.from_path(*models, device=device if engine is Engine.LOCAL else "cpu")
     predictor.refine = predictor.refine.switched(crf=crf, postprocess=postprocess)
@@ -499,7 +493,7 @@ def run_prediction(
         )
         run.log_dict({"scans": [_private(e) for e in summary.entries]}, "manifest.json")
     if exports:  # batch outputs (stats table, review page), and exports for cases kept from earlier runs
-        from medseg.export import finish_batch
+        from medseg.batch.outputs import finish_batch
 
         finish_batch(out, exports, predictor=predictor, show_patient_info=show_patient_info, echo=say)
     return summary

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from medseg.config.spec import LoadedSpec, ResolvedCase
 from medseg.errors import ConfigError, did_you_mean
+from medseg.labelmap import LABEL_FILE
 
-PREDICTION_FILE = "labels.nii.gz"  # what medseg.batch.runner writes per case
+PREDICTION_FILE = LABEL_FILE  # what medseg.batch.runner writes per case
 _FLAT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 

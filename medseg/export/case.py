@@ -1,49 +1,35 @@
 """What every export of one case needs, in one value: label map, grid, image, labels, source, model.
 
-A :class:`CaseExport` is built from a fresh prediction (:func:`case_from_prediction`, inside
-``medseg predict``) or from a finished case folder (:func:`case_from_folder`, for ``medseg export``,
-which needs no model). The facts that cannot be read back from the label map (label table, model,
-series description, quality measures) are kept beside the outputs in ``case.json``; it holds no
-patient data.
+A :class:`CaseExport` is built once per scan: from a fresh prediction (:func:`case_from_prediction`,
+inside ``medseg predict``, from what is in memory: the loaded image and its grid) or from a
+finished case folder (:func:`case_from_folder`, for ``medseg export``, which needs no model). Its
+label map is always on the source image's grid (the loader's affine and shape). The facts that
+cannot be read back from the label map (label table, model, series description, quality measures)
+are kept beside the outputs in ``case.json`` (:mod:`medseg.export.facts`); it holds no patient data.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from medseg.errors import InputError
-from medseg.export.labels import LabelEntry, entries_from_dicts, spec_label_table
-from medseg.io.atomic import atomic_write_text
+from medseg.export.facts import AlgorithmInfo, CaseFacts, read_case_facts
+from medseg.export.labels import LabelEntry, spec_label_table
+from medseg.geometry import spacing_from_affine, voxel_volume_ml
+from medseg.labelmap import LABEL_FILE
+from medseg.sources.folder import Scan
 
-CASE_FILE = "case.json"
-LABEL_FILE = "labels.nii.gz"
 
+class PredictionLike(Protocol):
+    """What an export reads of a :class:`~medseg.pipeline.Prediction`."""
 
-@dataclass(frozen=True)
-class AlgorithmInfo:
-    """The algorithm that made a segmentation (DICOM SEG's algorithm identification).
-
-    Attributes:
-        name: Model name(s) from the pipeline config (``+`` between ensemble members).
-        version: medseg's version.
-        sha256: The model bundle hash(es) (``+`` between ensemble members).
-        pipeline: The pipeline config's name.
-    """
-
-    name: str = "unknown"
-    version: str = ""
-    sha256: str = ""
-    pipeline: str = ""
-
-    def as_dict(self) -> dict[str, str]:
-        """A JSON-ready dict."""
-        return {"name": self.name, "version": self.version, "sha256": self.sha256, "pipeline": self.pipeline}
+    labels: Any
+    affine: Any
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,41 +83,28 @@ class CaseExport:
     @property
     def voxel_ml(self) -> float:
         """The volume of one voxel in millilitres."""
-        return abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+        return voxel_volume_ml(self.affine)
 
     @property
-    def spacing(self) -> tuple[float, float, float]:
+    def spacing(self) -> tuple[float, ...]:
         """Voxel size along ``i``, ``j``, ``k`` in mm."""
-        s = np.linalg.norm(self.affine[:3, :3], axis=0)
-        return float(s[0]), float(s[1]), float(s[2])
+        return spacing_from_affine(self.affine)
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> CaseFacts:
         """The facts kept in ``case.json`` (no patient data, no voxels)."""
-        return {
-            "case_id": self.case_id,
-            "modality": self.modality,
-            "series_description": self.series_description,
-            "input_kind": "dicom" if self.is_dicom else "file",
-            "inputs": [str(p) for p in self.inputs],
-            "shape": list(self.labels.shape),
-            "spacing_mm": [round(s, 6) for s in self.spacing],
-            "labels": [e.as_dict() for e in self.label_table],
-            "algorithm": self.algorithm.as_dict(),
-            "quality": _jsonable(dict(self.quality)),
-            "refine": _jsonable(dict(self.refine)) if self.refine is not None else None,
-        }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+        return CaseFacts(
+            case_id=self.case_id,
+            modality=self.modality,
+            series_description=self.series_description,
+            input_kind="dicom" if self.is_dicom else "file",
+            inputs=tuple(str(p) for p in self.inputs),
+            shape=tuple(int(n) for n in self.labels.shape),
+            spacing_mm=tuple(round(s, 6) for s in self.spacing),
+            labels=self.label_table,
+            algorithm=self.algorithm,
+            quality=dict(self.quality),
+            refine=dict(self.refine) if self.refine is not None else None,
+        )
 
 
 def _refine_dict(refine: Any) -> dict[str, Any] | None:
@@ -170,21 +143,23 @@ def first_channel(image: Any) -> np.ndarray | None:
     return arr[0] if arr.ndim == 4 else arr
 
 
-def case_from_prediction(image: Any, prediction: Any, job: Any, predictor: Any) -> CaseExport:
-    """Build the export value of a scan just segmented by ``medseg predict``.
+def case_from_prediction(image: Any, prediction: PredictionLike, scan: Scan, predictor: Any) -> CaseExport:
+    """Build the export value of a scan just segmented by ``medseg predict`` (once per scan).
+
+    Everything comes from memory: the label map and its grid (the loaded image's affine) from the
+    prediction, intensities from the loaded image, DICOM files and description from the scan.
 
     Args:
         image: The loaded ``(C, X, Y, Z)`` MetaTensor.
         prediction: The :class:`~medseg.pipeline.Prediction` (``refine`` and ``quality`` are read
             where present).
-        job: The :class:`~medseg.batch.job.ScanJob`.
-        predictor: The :class:`~medseg.pipeline.Predictor`.
+        scan: The scan (case id, inputs, DICOM series files).
+        predictor: The :class:`~medseg.pipeline.Predictor` (label table and model identity).
 
     Returns:
         The :class:`CaseExport`.
     """
     spec = predictor.spec
-    scan = job.scan
     modality = scan.modality or spec.channels[0].modality.value
     return CaseExport(
         case_id=scan.case_id,
@@ -200,45 +175,6 @@ def case_from_prediction(image: Any, prediction: Any, job: Any, predictor: Any) 
         quality=dict(getattr(prediction, "quality", None) or {}),
         refine=_refine_dict(getattr(prediction, "refine", None)),
     )
-
-
-def read_case_facts(case_dir: Path) -> dict[str, Any]:
-    """The ``case.json`` of a case folder, or an empty dict where there is none."""
-    try:
-        return json.loads((case_dir / CASE_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def write_case_facts(
-    case: CaseExport,
-    case_dir: Path,
-    exports: list[str],
-    not_applicable: list[str] | None = None,
-    errors: dict[str, str] | None = None,
-) -> Path:
-    """Write ``case.json``: the case's facts and the exports made so far (merged with earlier ones).
-
-    Args:
-        case: The case.
-        case_dir: Its folder.
-        exports: Export names just made.
-        not_applicable: Export names asked for that do not apply to this input.
-        errors: Export names that failed just now, with the error.
-
-    Returns:
-        The path of ``case.json``.
-    """
-    earlier = read_case_facts(case_dir)
-    facts = case.facts()
-    facts["exports"] = sorted(set(earlier.get("exports", [])) | set(exports))
-    skipped = set(earlier.get("not_applicable", [])) | set(not_applicable or [])
-    facts["not_applicable"] = sorted(skipped - set(facts["exports"]))
-    failed = {**earlier.get("errors", {}), **(errors or {})}
-    facts["errors"] = {k: v for k, v in sorted(failed.items()) if k not in exports}
-    path = case_dir / CASE_FILE
-    atomic_write_text(path, json.dumps(facts, indent=1))
-    return path
 
 
 def case_from_folder(
@@ -264,7 +200,7 @@ def case_from_folder(
     """
     import nibabel as nib
 
-    facts = read_case_facts(case_dir)
+    facts = read_case_facts(case_dir) or CaseFacts()
     label_path = case_dir / LABEL_FILE
     if not label_path.is_file():
         msg = f"case folder must hold {LABEL_FILE}, got none in {case_dir}"
@@ -273,18 +209,18 @@ def case_from_folder(
     labels = np.asarray(img.dataobj)
     affine = np.asarray(img.affine, dtype=np.float64)
     if label_table is None:
-        label_table = entries_from_dicts(facts.get("labels", []))
+        label_table = facts.labels
     if not label_table:
         from medseg.export.labels import label_table as make_table
 
         values = sorted(int(v) for v in np.unique(labels) if v)
         label_table = make_table({f"label {v}": v for v in values})
-    src = [Path(p) for p in (inputs if inputs is not None else facts.get("inputs", []))]
+    src = [Path(p) for p in (inputs if inputs is not None else facts.inputs)]
     image = None
     dicom_files: tuple[Path, ...] = ()
-    description = str(facts.get("series_description", ""))
-    modality = str(facts.get("modality", "OTHER"))
-    was_dicom = facts.get("input_kind") == "dicom"
+    description = facts.series_description
+    modality = facts.modality or "OTHER"
+    was_dicom = facts.input_kind == "dicom"
     if was_dicom and not (src and all(p.exists() for p in src)):
         missing = next((p for p in src if not p.exists()), None)
         msg = f"{case_dir.name}: source DICOM series must still exist for its exports, got missing {missing}"
@@ -303,20 +239,34 @@ def case_from_folder(
             description = description or str(meta.get("dicom_series_description", ""))
             modality = str(meta.get("dicom_modality", "")) or modality
             image = first_channel(loaded)
+            if dicom_files:  # DICOM exports place the series on the label map's grid: the loader's
+                labels, affine = _onto_source_grid(labels, affine, loaded, case_dir.name)
             if image is not None and image.shape != labels.shape:
                 image = None
-    algo = facts.get("algorithm", {})
     return CaseExport(
         case_id=case_dir.name,
         labels=labels,
         affine=affine,
         label_table=label_table,
-        algorithm=AlgorithmInfo(**{k: str(v) for k, v in algo.items() if k in AlgorithmInfo.__annotations__}),
+        algorithm=facts.algorithm,
         image=image,
         modality=modality.upper(),
         dicom_files=dicom_files,
         inputs=tuple(src),
         series_description=description,
-        quality=facts.get("quality") or {},
-        refine=facts.get("refine"),
+        quality=facts.quality,
+        refine=facts.refine,
     )
+
+
+def _onto_source_grid(
+    labels: np.ndarray, affine: np.ndarray, loaded: Any, case_id: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The label map re-indexed onto the loaded source's grid where its own differs (no interpolation)."""
+    target = np.asarray(loaded.affine, dtype=np.float64)
+    shape = tuple(int(n) for n in loaded.shape[1:])
+    if labels.shape == shape and np.allclose(affine, target, atol=1e-4):
+        return labels, affine
+    from medseg.export.dicom_grid import to_grid
+
+    return to_grid(labels, affine, target, shape, what=f"{case_id}: label map"), target  # type: ignore[arg-type]

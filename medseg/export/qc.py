@@ -14,16 +14,16 @@ A case is flagged when:
   looked at (where refinement ran).
 
 Examples:
-    >>> rows = [{"case_id": c, "status": "ok", "volumes": {"liver": v}} for c, v in
-    ...         [("a", 1500.0), ("b", 1400.0), ("c", 1600.0), ("d", 200.0)]]
-    >>> [f.code for f in case_flags(rows[3], batch_medians(rows))]
+    >>> cases = [CaseOutcome("ok", volumes={"liver": v}) for v in (1500.0, 1400.0, 1600.0, 200.0)]
+    >>> [f.code for f in case_flags(cases[3], batch_medians(cases))]
     ['volume']
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -60,18 +60,39 @@ class Flag:
     text: str
 
 
-def batch_medians(rows: list[dict[str, Any]], settings: QcSettings | None = None) -> dict[str, float]:
+@dataclass(frozen=True)
+class CaseOutcome:
+    """What the flags look at in one case.
+
+    Attributes:
+        status: ``ok`` when segmented, else ``failed``, ``pending``, ...
+        error: Why it failed.
+        volumes: Label name to volume (mL), where statistics were made.
+        quality: Quality measures of the prediction (``foreground_entropy``).
+        refine: What refinement changed (``crf_changed_fraction``), where it ran.
+        errors: Export name to the error of a failed export.
+    """
+
+    status: str
+    error: str | None = None
+    volumes: Mapping[str, float] | None = None
+    quality: Mapping[str, Any] = field(default_factory=dict)
+    refine: Mapping[str, Any] | None = None
+    errors: Mapping[str, str] = field(default_factory=dict)
+
+
+def batch_medians(cases: Sequence[CaseOutcome], settings: QcSettings | None = None) -> dict[str, float]:
     """The median volume (mL) of each label over the segmented cases (empty without enough cases)."""
     settings = settings or QcSettings()
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("volumes") is not None]
+    ok = [c.volumes for c in cases if c.status == "ok" and c.volumes is not None]
     if len(ok) < settings.min_cases:
         return {}
-    names = {n for r in ok for n in r["volumes"]}
-    return {n: statistics.median(float(r["volumes"].get(n, 0.0)) for r in ok) for n in sorted(names)}
+    names = {n for v in ok for n in v}
+    return {n: statistics.median(float(v.get(n, 0.0)) for v in ok) for n in sorted(names)}
 
 
-def _crf_change(refine: Any) -> float | None:
-    if not isinstance(refine, dict):
+def _crf_change(refine: Mapping[str, Any] | None) -> float | None:
+    if not isinstance(refine, Mapping):
         return None
     for key in ("crf_changed_fraction", "changed_fraction"):
         value = refine.get(key)
@@ -81,12 +102,12 @@ def _crf_change(refine: Any) -> float | None:
 
 
 def case_flags(
-    row: dict[str, Any], medians: dict[str, float], settings: QcSettings | None = None
+    case: CaseOutcome, medians: Mapping[str, float], settings: QcSettings | None = None
 ) -> list[Flag]:
     """The flags of one case.
 
     Args:
-        row: ``status``, ``error``, ``volumes`` (label name → mL), ``quality``, ``refine``.
+        case: Its outcome.
         medians: Batch median volume per label name (see :func:`batch_medians`).
         settings: Thresholds.
 
@@ -94,10 +115,10 @@ def case_flags(
         The flags, most serious first.
     """
     settings = settings or QcSettings()
-    if row.get("status") != "ok":
-        return [Flag("failed", str(row.get("error") or row.get("status") or "not segmented"))]
-    flags = [Flag("export-error", f"{name}: {text}") for name, text in (row.get("errors") or {}).items()]
-    volumes = row.get("volumes") or {}
+    if case.status != "ok":
+        return [Flag("failed", str(case.error or case.status or "not segmented"))]
+    flags = [Flag("export-error", f"{name}: {text}") for name, text in case.errors.items()]
+    volumes = case.volumes or {}
     if volumes and not any(v > 0 for v in volumes.values()):
         flags.append(Flag("empty", "no label found (empty prediction)"))
     else:
@@ -107,14 +128,14 @@ def case_flags(
                 continue
             if v > median * settings.volume_ratio or v < median / settings.volume_ratio:
                 flags.append(Flag("volume", f"{name}: {v:.1f} mL, batch median {median:.1f} mL"))
-    entropy = (row.get("quality") or {}).get("foreground_entropy")
+    entropy = case.quality.get("foreground_entropy")
     if isinstance(entropy, (int, float)) and entropy > settings.max_foreground_entropy:
         flags.append(
             Flag(
                 "low-confidence", f"mean foreground entropy {entropy:.3f} > {settings.max_foreground_entropy}"
             )
         )
-    change = _crf_change(row.get("refine"))
+    change = _crf_change(case.refine)
     if change is not None and change > settings.max_crf_change:
         flags.append(
             Flag("crf-change", f"CRF changed {change:.1%} of voxels (> {settings.max_crf_change:.0%})")

@@ -10,11 +10,14 @@ stats               ``stats.json``, ``stats.csv``                         every 
 overlays            ``overlays/montage*.png``                             every input
 secondary-capture   ``secondary_capture/montage-N.dcm``                   DICOM series
 report              ``case.json`` (+ stats); the batch's ``report/``      every input
+volumes             ``volumes.json`` (voxels and mL per label value)      every input
 =================== ===================================================== ==============
 
-Every export also writes ``case.json`` (the facts a later ``medseg export`` needs). An export that
-does not apply to an input (DICOM SEG for a NIfTI file) is skipped for that case and recorded as
-such in ``case.json``.
+This is the one registry of exports: ``medseg predict --export``, ``medseg export`` and the
+library's :func:`~medseg.batch.runner.run_prediction` all run them through :func:`export_case`,
+once per case, which also writes ``case.json`` once (the facts a later ``medseg export`` needs).
+An export that does not apply to an input (DICOM SEG for a NIfTI file) is skipped for that case
+and recorded as such in ``case.json``.
 
 Examples:
     >>> parse_exports("default")
@@ -25,13 +28,13 @@ Examples:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.errors import ConfigError, MedsegError
-from medseg.export.case import CaseExport, write_case_facts
+from medseg.errors import ConfigError, MedsegError, did_you_mean
+from medseg.export.case import CaseExport
+from medseg.export.facts import write_case_facts
 
 CaseWriter = Callable[[CaseExport, Path], list[Path]]
 
@@ -120,8 +123,7 @@ def parse_exports(text: str | Sequence[str], known: Collection[str] | None = Non
         names = DEFAULT_EXPORTS if name == "default" else (name,)
         for n in names:
             if n not in valid:
-                near = difflib.get_close_matches(n, valid, n=1)
-                hint = f"; did you mean '{near[0]}'?" if near else ""
+                hint = did_you_mean(n, valid)
                 msg = f"export must be one of {sorted(valid)} (or default, none), got '{n}'{hint}"
                 raise ConfigError(msg)
             if n not in out:
@@ -132,7 +134,7 @@ def parse_exports(text: str | Sequence[str], known: Collection[str] | None = Non
 def export_case(
     case: CaseExport, case_dir: Path, names: Sequence[str], *, keep_going: bool = False
 ) -> list[Path]:
-    """Run exports on one case and record them in ``case.json``.
+    """Run exports on one case and record them in ``case.json`` (written once, at the end).
 
     Args:
         case: The case.
@@ -151,7 +153,9 @@ def export_case(
     """
     names = parse_exports(list(names))
     written: list[Path] = []
-    done, skipped, errors = [], [], {}
+    done: list[str] = []
+    skipped: list[str] = []
+    errors: dict[str, str] = {}
     for name in names:
         kind = CASE_EXPORTS[name]
         if kind.dicom_only and not case.is_dicom:
@@ -166,14 +170,17 @@ def export_case(
             errors[name] = text if isinstance(exc, MedsegError) else f"{type(exc).__name__}: {text}"
             continue
         done.append(name)
-    written.append(write_case_facts(case, Path(case_dir), done, skipped, errors))
+    facts = case.facts()
+    written.append(
+        write_case_facts(facts, Path(case_dir), exports=done, not_applicable=skipped, errors=errors)
+    )
     return written
 
 
 def _nifti(case: CaseExport, case_dir: Path) -> list[Path]:
-    from medseg.export.case import LABEL_FILE
     from medseg.export.label_tables import write_label_tables
     from medseg.io import write_label_map
+    from medseg.labelmap import LABEL_FILE
 
     out = []
     if not (case_dir / LABEL_FILE).is_file():
@@ -217,6 +224,25 @@ def _report(case: CaseExport, case_dir: Path) -> list[Path]:
     return [] if (case_dir / STATS_JSON).is_file() else write_stats(case, case_dir)
 
 
+def _volumes(case: CaseExport, case_dir: Path) -> list[Path]:
+    import json
+
+    import numpy as np
+
+    from medseg.io.atomic import atomic_write_text
+
+    voxel_ml = case.voxel_ml
+    counts = np.bincount(np.asarray(case.labels).ravel())
+    stats = {
+        int(v): {"voxels": int(n), "volume_ml": round(int(n) * voxel_ml, 4)}
+        for v, n in enumerate(counts)
+        if v
+    }
+    path = case_dir / "volumes.json"
+    atomic_write_text(path, json.dumps(stats, indent=1))
+    return [path]
+
+
 _NEEDS = {
     "dicom-seg": (("highdicom", "dicom"),),
     "rtstruct": (("rt_utils", "rtstruct"),),
@@ -232,5 +258,6 @@ for _name, _fn, _dicom, _summary in (
     ("overlays", _overlays, False, "PNG montages: axial/coronal/sagittal through each label"),
     ("secondary-capture", _secondary_capture, True, "the montages as DICOM Secondary Capture"),
     ("report", _report, False, "the batch's static HTML review page (OUT/report/)"),
+    ("volumes", _volumes, False, "voxel count and volume (mL) per label value, as JSON"),
 ):
     register_case_export(_name, dicom_only=_dicom, summary=_summary, needs=_NEEDS.get(_name, ()))(_fn)
