@@ -30,6 +30,7 @@ VOLATILE_KEYS = {
     "version",
     "fingerprint",
 }
+GENERATED_UID_ROOTS = ("2.25.", "1.2.826.0.1.3680043.8.498.")  # UIDs made afresh by each run
 ORDERLESS_KEYS = {"outputs"}  # the same files, listed in the order they were written
 VOLATILE_DICOM = {
     "SOPInstanceUID",
@@ -92,7 +93,7 @@ def make(out: Path) -> None:
         write_nifti(vol, np.diag([1.0, 1.0, 2.0, 1.0]), src / f"{name}.nii.gz")
     write_nifti(np.zeros((20, 18, 8), np.int16), np.eye(4), src / "empty.nii.gz")
     aff = np.eye(4)
-    aff[:3, :3] = np.diag([-0.9, 1.1, 2.5])
+    aff[:3, :3] = np.diag([-0.9, 0.9, 2.5])  # square pixels: RTSTRUCT applies
     aff[:3, 3] = [12.0, -30.0, 55.0]
     write_dicom_series(
         blocks(8).astype(np.float32), aff, src / "dicom", modality="MR", series_description="T1"
@@ -144,9 +145,9 @@ def _dicom(path: Path) -> list[str]:
         if elem.keyword in VOLATILE_DICOM or elem.VR == "SQ":
             continue
         value = elem.value
-        if elem.VR == "UI" and str(value).startswith("2.25."):
+        if elem.VR == "UI" and str(value).startswith(GENERATED_UID_ROOTS):
             value = "<uid>"
-        lines.append(f"{elem.keyword or elem.tag}: {value!r}"[:400])
+        lines.append(_mask_text(f"{elem.keyword or elem.tag}: {value!r}")[:400])
     return lines
 
 

@@ -13,7 +13,7 @@ from medseg.config.spec import DatasetSpec, load_spec, save_spec
 from medseg.errors import ConfigError
 from medseg.export import CaseExport, export_case, label_table, read_label_names, spec_label_table
 from medseg.export.label_tables import itksnap_table, slicer_table
-from medseg.export.qc import QcSettings, batch_medians, case_flags
+from medseg.export.qc import CaseOutcome, QcSettings, batch_medians, case_flags
 from medseg.export.stats import label_stats, write_batch_stats
 
 SPEC = {
@@ -136,24 +136,24 @@ def test_stats_on_hand_built_blocks(tmp_path: Path) -> None:
 
 
 def test_qc_flags() -> None:
-    rows = [
-        {"case_id": "a", "status": "ok", "volumes": {"liver": 1500.0, "tumour": 10.0}},
-        {"case_id": "b", "status": "ok", "volumes": {"liver": 1400.0, "tumour": 12.0}},
-        {"case_id": "c", "status": "ok", "volumes": {"liver": 1450.0, "tumour": 0.0}},
-        {"case_id": "d", "status": "ok", "volumes": {"liver": 5000.0, "tumour": 11.0}},
-        {"case_id": "e", "status": "ok", "volumes": {"liver": 0.0, "tumour": 0.0}},
-        {"case_id": "f", "status": "failed", "error": "bad file", "volumes": None},
-        {
-            "case_id": "g",
-            "status": "ok",
-            "volumes": {"liver": 1500.0, "tumour": 10.0},
-            "quality": {"foreground_entropy": 0.6},
-            "refine": {"crf_changed_fraction": 0.2},
-        },
-    ]
+    cases = {
+        "a": CaseOutcome("ok", volumes={"liver": 1500.0, "tumour": 10.0}),
+        "b": CaseOutcome("ok", volumes={"liver": 1400.0, "tumour": 12.0}),
+        "c": CaseOutcome("ok", volumes={"liver": 1450.0, "tumour": 0.0}),
+        "d": CaseOutcome("ok", volumes={"liver": 5000.0, "tumour": 11.0}),
+        "e": CaseOutcome("ok", volumes={"liver": 0.0, "tumour": 0.0}),
+        "f": CaseOutcome("failed", error="bad file"),
+        "g": CaseOutcome(
+            "ok",
+            volumes={"liver": 1500.0, "tumour": 10.0},
+            quality={"foreground_entropy": 0.6},
+            refine={"crf_changed_fraction": 0.2},
+        ),
+    }
+    rows = list(cases.values())
     medians = batch_medians(rows)
     assert medians == {"liver": 1475.0, "tumour": 10.0}
-    codes = {r["case_id"]: [f.code for f in case_flags(r, medians)] for r in rows}
+    codes = {case_id: [f.code for f in case_flags(c, medians)] for case_id, c in cases.items()}
     assert codes == {
         "a": [],
         "b": [],
