@@ -35,10 +35,9 @@ from medseg.evaluation.metrics import (
     HD_PERCENTILE,
     LabelScores,
     score_labels,
-    spacing_from_affine,
-    voxel_volume_ml,
 )
 from medseg.evaluation.summary import Stat, rows_from_scores, summarise
+from medseg.geometry import spacing_from_affine, voxel_volume_ml
 from medseg.io.load import GRID_ATOL_MM
 
 

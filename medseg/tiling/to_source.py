@@ -33,8 +33,9 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from medseg.errors import GeometryError
+from medseg.geometry import spacing_from_affine
 from medseg.labelmap import torch_label_dtype
-from medseg.preprocess.geometry import plan_resampling, separate_slice_axis, spacing_from_affine
+from medseg.preprocess.geometry import plan_resampling, separate_slice_axis
 from medseg.preprocess.spacing import ResampleToSpacingd
 from medseg.tiling.slab import Slab, argmax_channels
 
