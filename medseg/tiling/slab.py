@@ -52,8 +52,12 @@ def argmax_channels(x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.
         return labels.to(dtype)
     labels = torch.empty(x.shape[1:], dtype=dtype, device=x.device)
     step = max(1, _CHUNK // max(1, math.prod(x.shape[2:])))
+    finite = torch.ones((), dtype=torch.bool, device=x.device)
     for i in range(0, x.shape[1], step):  # chunks bound the (K, chunk) temporaries
-        labels[i : i + step] = _first_argmax(x[:, i : i + step])
+        labels[i : i + step], ok = _first_argmax(x[:, i : i + step])
+        finite &= ok
+    if not bool(finite):  # one check (one device sync) for all chunks
+        _check_finite(x.amax(0))
     return labels
 
 
@@ -68,16 +72,20 @@ def _check_finite(best: torch.Tensor) -> None:
         raise InputError(msg)
 
 
-def _first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """Channel-first argmax in five vectorised passes (torch's argmax over a strided axis is slow)."""
+def _first_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel-first argmax in five vectorised passes (torch's argmax over a strided axis is slow).
+
+    Returns the labels and whether every voxel's maximum is finite (a 0-d bool tensor, left on the
+    device): where a score is NaN no class equals the maximum and the labels there are meaningless.
+    """
     k = x.shape[0]
     best = x.amax(0)  # NaN wherever a score is NaN
-    _check_finite(best)
+    finite = torch.isfinite(best).all()
     if k > 255:
-        return x.argmax(0)
+        return x.argmax(0), finite
     rank = torch.arange(k, 0, -1, dtype=torch.uint8, device=x.device).view(-1, *[1] * (x.ndim - 1))
     score = torch.eq(x, best).view(torch.uint8).mul_(rank)  # k - class where the class reaches the max
-    return score.amax(0).neg_().add_(k)
+    return score.amax(0).neg_().add_(k), finite
 
 
 def softmax_channels_(x: torch.Tensor) -> torch.Tensor:
