@@ -1,7 +1,8 @@
 """The ``medseg`` command. Each subcommand calls the library; heavy modules load lazily.
 
 Exit status: 0 success; 1 when some scans failed; 2 when the run could not start (bad arguments,
-config or model).
+config or model, an output folder that cannot be written). :func:`main` is the one place that turns
+the library's errors into that status and a one-line message on stderr.
 """
 
 from __future__ import annotations
@@ -224,7 +225,6 @@ def predict(
         bool, typer.Option(help="Show patient identifiers on the HTML review page (off by default).")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Allow an output folder made with another model.")] = False,
-    resume: Annotated[bool, typer.Option(help="Skip finished scans (always on: re-running resumes).")] = True,
     engine: Annotated[
         str, typer.Option(help="Where scans run: local (this process) or ray (a pool of Ray workers).")
     ] = "local",
@@ -651,9 +651,34 @@ def _read_spec(path: Path):
     return validate(DatasetSpec, read_yaml(path), str(path))
 
 
-def main() -> None:
-    """Entry point of the ``medseg`` console script."""
-    sys.exit(app())
+def _one_line(exc: BaseException) -> str:
+    """The message of an error that stopped a command, on one line, naming the file where there is one."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        text = f"cannot use {where}{exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``medseg`` console script.
+
+    Errors that mean the run could not start or go on — medseg's own (:class:`~medseg.errors.MedsegError`:
+    a bad config, spec, model or argument) and the operating system's (an output folder that cannot be
+    made or written) — end the command with exit status 2 and one line on stderr, never a traceback.
+    Anything else is a bug and keeps its traceback.
+
+    Args:
+        argv: The arguments (default: ``sys.argv[1:]``).
+    """
+    from medseg.errors import MedsegError
+
+    try:
+        app(args=argv, prog_name="medseg")
+    except (MedsegError, OSError) as exc:
+        typer.secho(f"medseg: error: {_one_line(exc)}", err=True, fg=typer.colors.RED)
+        sys.exit(EXIT_CANNOT_START)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,8 +11,6 @@ from medseg.errors import ConfigError
 from medseg.tracking import RunKind, find_runs, flatten_params, tracked_run, tracking_uri
 from medseg.tracking.store import mlflow_module
 
-if importlib.util.find_spec("mlflow") is None:
-    pytest.skip("tracking needs mlflow; install medseg[tracking]", allow_module_level=True)
 mlflow = mlflow_module()  # imported as medseg imports it: quiet, telemetry off
 
 # MLflow 3.17's SQLAlchemy store uses a loader strategy SQLAlchemy 2 deprecates; not ours to fix.

@@ -299,7 +299,6 @@ def tracked_run(
 
     Raises:
         ConfigError: For an unknown ``kind``, an empty or deleted experiment or an unknown parent run.
-        MedsegError: If MLflow is not installed.
 
     Examples:
         >>> import tempfile

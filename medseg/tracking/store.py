@@ -5,7 +5,7 @@ beside it in ``./mlartifacts``; browse it with ``mlflow ui --backend-store-uri s
 The first use of a new SQLite file creates its tables (MLflow runs its migrations), which takes a few
 seconds.
 
-MLflow is imported on first use (it is the optional ``medseg[tracking]`` extra), with its INFO logs
+MLflow (a core dependency) is imported on first use, so ``medseg --help`` stays quick, with its INFO logs
 silenced unless ``MLFLOW_LOGGING_LEVEL`` is set, and its usage telemetry off unless
 ``MLFLOW_DISABLE_TELEMETRY`` is set.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from medseg.errors import ConfigError, choice_error, optional_import
+from medseg.errors import ConfigError, choice_error
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -94,13 +94,11 @@ def artifact_root(uri: str, experiment: str) -> str | None:
 
 @functools.cache
 def mlflow_module() -> ModuleType:
-    """MLflow, imported once, quietly and without telemetry unless the user chose otherwise.
+    """MLflow, imported once, quietly and without telemetry unless the user chose otherwise."""
+    import importlib
 
-    Raises:
-        MedsegError: If MLflow is not installed.
-    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    mlflow = optional_import("mlflow", "experiment tracking", "tracking")
+    mlflow = importlib.import_module("mlflow")
     if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -160,7 +158,6 @@ def find_runs(
 
     Raises:
         ConfigError: For an unknown ``kind``.
-        MedsegError: If MLflow is not installed.
     """
     filter_string = f"tags.`{TAG_KIND}` = '{RunKind.parse(kind).value}'" if kind is not None else ""
     mlflow_client = client(uri)
