@@ -23,7 +23,7 @@ into slabs along one axis, each refined with a halo of at least three kernel wid
 kept.
 
 Performance notes (CPU): the work is many short whole-array operations, so on a shared machine whose
-cores are taken, OpenMP threads that spin-wait for a descheduled partner can make it ten times slower;
+cores are taken, OpenMP threads that spin-wait for a descheduled partner make it many times slower;
 ``DenseCRFConfig.threads = 0`` therefore refines on one thread when the load average says the cores
 are busy (and for small blocks). Large volumes allocate several GB of working memory, which glibc
 would map and zero afresh on every allocation: while blocks are refined, freed memory is kept for

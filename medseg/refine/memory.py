@@ -4,9 +4,8 @@ The dense CRF allocates many large temporaries (the lattice build's sorts and ke
 scratch). glibc serves blocks above its mmap threshold (at most 32 MiB by default) with fresh
 ``mmap`` calls and unmaps them when freed, so every such allocation is zero-filled again by the kernel,
 one 4 KiB page fault at a time. On a 128^3 volume most blocks sit under the threshold and are reused;
-on a 256^3 volume they do not, which made the cost grow faster than the volume (1.4 million page
-faults, 5.7 GB zero-filled, for one 256^3 refinement; with freed blocks kept, the lattice build alone
-took 3.7 s instead of 6.4 s on one core).
+on a 256^3 volume they do not, which made the cost grow faster than the volume (the page faults and
+the time they cost are in ``docs/benchmarks.md``).
 
 :func:`reuse_freed_memory` raises glibc's mmap and trim thresholds for the duration of a refinement,
 then gives the freed memory back to the system (``malloc_trim``) and sets the thresholds to glibc's

@@ -50,9 +50,9 @@ class TilingSettings:
         stitch_threads: Intra-op threads for cutting windows and stitching (the network keeps
             torch's setting); ``0`` (default): one or torch's number, whichever a short probe
             finds faster, probed again every few batches. This work is bound by memory bandwidth
-            and made of many small operations: on an idle machine two threads stitch about 1.6x
-            faster than one, on a busy one one thread is several times faster (it never waits for a
-            second thread the scheduler has put aside).
+            and made of many small operations: on an idle machine two threads stitch faster than
+            one, on a busy one one thread is faster (it never waits for a second thread the
+            scheduler has put aside); ``docs/benchmarks.md`` has the ratios.
 
     Raises:
         ValueError: Naming the first invalid field.
