@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from geometry_helpers import SHARED_DATA
+from geometry_helpers import shared
 from pydicom.dataset import FileDataset, FileMetaDataset
 from typer.testing import CliRunner
 
@@ -157,10 +158,6 @@ def _mixed_folder(root: Path) -> dict[str, str]:
     expect["flat2d"] = "failed"
     _sr_file(root / "dicom" / "report" / "sr.dcm")
     (root / "notes.txt").write_text("not an image")
-    if (SHARED_DATA / "dicom_bad").is_dir():
-        import shutil
-
-        shutil.copytree(SHARED_DATA / "dicom_bad", root / "bad_real")
     return expect
 
 
@@ -194,11 +191,6 @@ def test_mixed_folder_batch(tmp_path: Path) -> None:
     reasons = " ".join(s["reason"] for s in manifest["skipped"])
     assert "SR" in reasons
     assert "notes.txt" in " ".join(s["path"] for s in manifest["skipped"])
-    if (root / "bad_real").is_dir():
-        bad = [e for e in by_id.values() if "bad_real" in e["inputs"][0]]
-        assert len(bad) == 2
-        assert all(e["status"] == "failed" for e in bad)
-        assert {"at least 3 slices" in e["error"] or "orientation" in e["error"] for e in bad} == {True}
     # good outputs overlay their inputs exactly
     for e in by_id.values():
         if e["status"] != "ok":
@@ -216,9 +208,20 @@ def test_mixed_folder_batch(tmp_path: Path) -> None:
     # a second run keeps the finished scans and retries the failed ones
     again = run_prediction(root, tmp_path / "out", [bundle])
     assert again.reused == sum(v == "ok" for v in expect.values()) + 1
-    assert again.failed == sum(v == "failed" for v in expect.values()) + (
-        2 if (root / "bad_real").is_dir() else 0
-    )
+    assert again.failed == sum(v == "failed" for v in expect.values())
+
+
+def test_real_invalid_series_fail_with_their_reason(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    shutil.copytree(shared("dicom_bad"), root / "bad_real")  # a 2-slice series; mixed orientations
+    write_nifti(_vol(1), _aff(10), root / "good.nii.gz")
+    summary = run_prediction(root, tmp_path / "out", [_bundle(tmp_path / "b")])
+    assert (summary.ok, summary.failed) == (1, 2)
+    scans = json.loads((tmp_path / "out" / "manifest.json").read_text())["scans"]
+    errors = {Path(e["inputs"][0]).parent.parent.name: e["error"] for e in scans if e["status"] == "failed"}
+    assert set(errors) == {"slicecount", "sliceorientation"}, scans
+    assert "at least 3 slices" in errors["slicecount"]
+    assert "orientation" in errors["sliceorientation"]
 
 
 def test_other_model_does_not_overwrite(tmp_path: Path) -> None:

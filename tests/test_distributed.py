@@ -54,9 +54,17 @@ def test_shards_are_equal_and_cover_every_case() -> None:
     assert shard_cases([], 0, 2, seed=0) == []
     with pytest.raises(ValueError, match=r"rank must be in 0\.\.1, got 2"):
         shard_cases(cases, 2, 2, seed=0)
-    ctx = DistContext(rank=1, world_size=2)
-    assert not ctx.is_main
-    assert ctx.shard(cases, 3) == (shard_cases(cases, 1, 2, 3), 3 + 7919)  # its own patch seed
+    ranks = [DistContext(rank=r, world_size=3) for r in range(3)]
+    assert [ctx.is_main for ctx in ranks] == [True, False, False]
+    for seed in (0, 3):
+        shards = [ctx.shard(cases, seed) for ctx in ranks]
+        assert [s[0] for s in shards] == [shard_cases(cases, r, 3, seed) for r in range(3)]
+        patch_seeds = [s[1] for s in shards]
+        assert len(set(patch_seeds)) == 3  # each rank samples its own patches
+        assert patch_seeds[0] == seed  # rank 0 samples as a single process with that seed would
+        assert [ctx.shard(cases, seed)[1] for ctx in ranks] == patch_seeds  # the same on every call
+    # no two ranks of neighbouring seeds share a patch seed either (runs with seeds 0, 1, 2 stay apart)
+    assert len({ctx.shard(cases, seed)[1] for ctx in ranks for seed in range(3)}) == 9
 
 
 @pytest.mark.slow  # spawns 2 processes that each import torch and MONAI (about 25 s on 2 cores)

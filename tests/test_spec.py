@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 from geometry_helpers import shared
+from pydantic import ValidationError
 
 from medseg.config.check import check_spec_data
 from medseg.config.msd import spec_from_dataset_json
@@ -159,7 +160,7 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
     save_spec(spec, tmp_path / "out.yaml")
     again = load_spec(tmp_path / "out.yaml", data_root=tmp_path).spec
     assert again == spec
-    with pytest.raises(Exception, match="frozen"):
+    with pytest.raises(ValidationError, match="Instance is frozen"):
         spec.name = "changed"  # type: ignore[misc]
 
 
