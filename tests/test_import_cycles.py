@@ -126,7 +126,8 @@ def _describe(cycle: list[str], edges: Edges) -> str:
         for dst, where in sorted(edges.get(src, {}).items()):
             if dst in members:
                 where = list(dict.fromkeys(where))
-                lines.append(f"    {src} -> {dst} at {', '.join(where[:4])}{' ...' if len(where) > 4 else ''}")
+                more = " ..." if len(where) > 4 else ""
+                lines.append(f"    {src} -> {dst} at {', '.join(where[:4])}{more}")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from types import ModuleType
@@ -185,7 +185,7 @@ def _run_record(run: Any) -> dict[str, Any]:
     info, data = run.info, run.data
 
     def when(ms: int | None) -> datetime | None:
-        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
+        return datetime.fromtimestamp(ms / 1000, tz=UTC) if ms else None
 
     return {
         "run_id": info.run_id,

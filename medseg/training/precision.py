@@ -1,8 +1,9 @@
 """Mixed precision for training: which half-precision type, if any, the network's forward pass uses.
 
 On CUDA, autocast to float16 (with gradient scaling), as nnU-Net and MONAI do. On a CPU, bfloat16 only
-where the CPU computes it natively (AVX512-BF16 or AMX): oneDNN's bfloat16 convolutions there are faster
-than float32 (measured in ``docs/benchmarks.md``), while elsewhere they would be emulated and slower. Weights, optimiser state and the loss stay float32.
+where the CPU computes it natively (AVX512-BF16 or AMX): oneDNN's bfloat16 convolutions there are
+faster than float32 (measured in ``docs/benchmarks.md``), while elsewhere they would be emulated and
+slower. Weights, optimiser state and the loss stay float32.
 """
 
 from __future__ import annotations
