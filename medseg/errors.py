@@ -6,6 +6,8 @@ Messages are worded as facts about the input: "X must be Y, got Z", naming the f
 
 from __future__ import annotations
 
+from types import ModuleType
+
 
 class MedsegError(Exception):
     """Root of every error medseg raises on purpose."""
@@ -23,7 +25,7 @@ class GeometryError(InputError):
     """An input's geometry is not a valid volume (mixed orientations, missing slices, ...)."""
 
 
-def optional_import(module_name: str, feature: str, extra: str):
+def optional_import(module_name: str, feature: str, extra: str) -> ModuleType:
     """Import an optional dependency, or fail with a sentence that says how to get it.
 
     Args:

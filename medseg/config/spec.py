@@ -279,8 +279,8 @@ class LoadedSpec(FrozenModel):
             first = pats.images[0]
             regex = _case_regex(first)
             found = sorted(glob.glob(str(self.root / first.replace(CASE_PLACEHOLDER, "*"))))
-            for path in found:
-                rel = Path(path).relative_to(self.root).as_posix()
+            for name in found:
+                rel = Path(name).relative_to(self.root).as_posix()
                 m = regex.match(rel)
                 if m is None:
                     continue

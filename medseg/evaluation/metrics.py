@@ -103,7 +103,8 @@ def surface(mask: np.ndarray) -> np.ndarray:
         8
     """
     mask = np.asarray(mask, dtype=bool)
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+    inner: np.ndarray = ndimage.binary_erosion(mask, border_value=0)
+    return mask & ~inner
 
 
 def surface_distances(

@@ -152,15 +152,15 @@ def _scan_dicom(files: list[Path], found: Discovery) -> None:
         groups.setdefault(uid, []).append(path)
         first.setdefault(uid, ds)
     for uid, paths in groups.items():
-        ds = first[uid]
+        header = first[uid]
         found.scans.append(
             Scan(
                 case_id=dicom_case_id(uid),
                 path=_common_folder(paths),
                 series_uid=None if uid.startswith("missing-uid:") else uid,
                 files=tuple(sorted(paths)),
-                modality=str(ds.get("Modality", "")),
-                description=str(ds.get("SeriesDescription", "")),
+                modality=str(header.get("Modality", "")),
+                description=str(header.get("SeriesDescription", "")),
             )
         )
 

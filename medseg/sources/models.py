@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from medseg.errors import ConfigError, choice_error
 
 if TYPE_CHECKING:
-    from monai.data import MetaTensor
+    from monai.data.meta_tensor import MetaTensor
 
     from medseg.config.spec import DatasetSpec
     from medseg.pipeline import Prediction

@@ -221,8 +221,8 @@ def axis_starts(size: int, patch: int, overlap: float, placement: Placement = "e
         return tuple(d * step - max(d * step + patch - size, 0) for d in range(count))
     target = max(patch * (1 - overlap), 1.0)
     count = min(math.ceil((size - patch) / target) + 1, size - patch + 1)
-    step = (size - patch) / (count - 1)
-    return tuple(sorted({round(step * i) for i in range(count)}))
+    spread = (size - patch) / (count - 1)
+    return tuple(sorted({round(spread * i) for i in range(count)}))
 
 
 def plan_patches(

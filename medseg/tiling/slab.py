@@ -127,12 +127,12 @@ class Slab:
     @property
     def start(self) -> int:
         """First index along ``axis``."""
-        return self.region[self.axis].start
+        return int(self.region[self.axis].start)
 
     @property
     def stop(self) -> int:
         """One past the last index along ``axis``."""
-        return self.region[self.axis].stop
+        return int(self.region[self.axis].stop)
 
     @property
     def num_classes(self) -> int:

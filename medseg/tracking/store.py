@@ -107,7 +107,8 @@ def mlflow_module() -> ModuleType:
 
 def client(uri: str | None = None) -> MlflowClient:
     """An MLflow client for ``uri`` (default :func:`tracking_uri`); global MLflow state is untouched."""
-    return mlflow_module().MlflowClient(tracking_uri=uri or tracking_uri())
+    made: MlflowClient = mlflow_module().MlflowClient(tracking_uri=uri or tracking_uri())
+    return made
 
 
 def experiment_id(mlflow_client: MlflowClient, name: str, uri: str) -> str:

@@ -55,7 +55,7 @@ def load_or_create_splits(
     ids = sorted(case_ids)
     if path.is_file():
         try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
+            stored: list[dict[str, list[str]]] = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             msg = f"{path}: must be valid JSON, got {exc}"
             raise ConfigError(msg) from exc
