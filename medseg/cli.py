@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -25,7 +25,7 @@ EXIT_SOME_FAILED = 1
 EXIT_CANNOT_START = 2
 
 
-def _fail(message: str, code: int = EXIT_CANNOT_START) -> None:
+def _fail(message: str, code: int = EXIT_CANNOT_START) -> NoReturn:
     typer.secho(f"medseg: error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 

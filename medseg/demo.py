@@ -136,9 +136,10 @@ def run_demo(
     echo("[4/5] scoring in each scan's source geometry, against a threshold baseline")
     fg = [v for v in loaded.spec.label_values if v != 0]
     names = loaded.spec.label_names
+    labelled = [(c.images[0], c.label) for c in train_cases if c.label is not None]  # all of them
     baseline = ThresholdBaseline.fit(
-        [load_image(c.images[0])[0].numpy() for c in train_cases],
-        [load_image(c.label)[0].numpy() for c in train_cases],
+        [load_image(image)[0].numpy() for image, _ in labelled],
+        [load_image(label)[0].numpy() for _, label in labelled],
     )
     scores: dict[str, list[dict[int, float]]] = {
         "model (NIfTI input)": [],
@@ -146,6 +147,7 @@ def run_demo(
         "threshold baseline": [],
     }
     for c, entry, dsum in zip(test_cases, pred_nifti.entries, pred_dicom):
+        assert c.label is not None  # the synthetic cases are all labelled
         truth = load_image(c.label)[0].numpy()
         pred = load_image(out / "predictions" / "nifti" / entry["outputs"][0])[0].numpy()
         scores["model (NIfTI input)"].append(dice_per_label(pred, truth, fg))

@@ -49,6 +49,7 @@ def fold_case_ids(
     from medseg.training.splits import make_splits
 
     stored = _stored_splits(loaded, split_dirs)
+    where: Path | str
     if stored is not None:
         where, splits = stored
     elif folds is not None:

@@ -104,7 +104,8 @@ def surface(mask: np.ndarray) -> np.ndarray:
     """
     mask = np.asarray(mask, dtype=bool)
     inner: np.ndarray = ndimage.binary_erosion(mask, border_value=0)
-    return mask & ~inner
+    edge: np.ndarray = mask & ~inner
+    return edge
 
 
 def surface_distances(

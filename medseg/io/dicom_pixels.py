@@ -169,7 +169,7 @@ class _VolumeWriter:
         k0 = self.starts[index]
         return k0, min(k0 + self.per_slab, self.n)
 
-    def write(self, k0: int, pixels: Sequence[np.ndarray]) -> None:
+    def write(self, k0: int, pixels: np.ndarray | Sequence[np.ndarray]) -> None:
         """Rescale ``pixels`` (slices ``k0, k0 + 1, ...``) and put them in the volume."""
         try:
             buf = self.buffers.get_nowait()

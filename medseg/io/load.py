@@ -54,12 +54,16 @@ def make_load_transform(
         ``LoadImage`` or ``LoadImaged`` giving channel-first ``MetaTensor`` images.
     """
     readers = _readers(series_uid, min_slices, allow_tilt)
+    loader: LoadImage | LoadImaged
     if keys is None:
-        loader = LoadImage(reader=readers, image_only=True, ensure_channel_first=True, dtype=dtype)
-        inner = loader
+        inner = loader = LoadImage(reader=readers, image_only=True, ensure_channel_first=True, dtype=dtype)
     else:
         loader = LoadImaged(
-            keys=list(keys), reader=readers, image_only=True, ensure_channel_first=True, dtype=dtype
+            keys=list(keys),
+            reader=readers,  # type: ignore[arg-type]  # MONAI's annotation omits the list it accepts
+            image_only=True,
+            ensure_channel_first=True,
+            dtype=dtype,
         )
         inner = loader._loader
     # Given readers, MONAI tries each in turn and swallows their errors; choosing by suffix instead
@@ -71,9 +75,11 @@ def make_load_transform(
 @functools.lru_cache(maxsize=8)
 def _cached_loader(series_uid: str | None, min_slices: int, allow_tilt: bool, dtype: Any) -> LoadImage:
     # Building a LoadImage instantiates every MONAI reader: build one per setting, once.
-    return make_load_transform(
+    loader = make_load_transform(
         series_uid=series_uid, min_slices=min_slices, allow_tilt=allow_tilt, dtype=dtype
     )
+    assert isinstance(loader, LoadImage)  # no keys: the array transform
+    return loader
 
 
 def _check_path(path: Path) -> None:
@@ -110,17 +116,17 @@ def load_image(
         GeometryError: A DICOM series that is not a valid volume.
     """
     loader = _cached_loader(series_uid, min_slices, allow_tilt, dtype)
-    if isinstance(path, (list, tuple)):  # the files of one DICOM series, whatever their names
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+        _check_path(path)
+        call = functools.partial(loader, str(path))
+    else:  # the files of one DICOM series, whatever their names
         files = [Path(p) for p in path]
         for f in files:
             _check_path(f)
         dicom = next(r for r in loader.readers if isinstance(r, DicomSeriesReader))
         call = functools.partial(loader, [str(f) for f in files], reader=dicom)
         path = files[0].parent if files else Path()
-    else:
-        path = Path(path)
-        _check_path(path)
-        call = functools.partial(loader, str(path))
     try:
         return call()
     except (InputError, MemoryError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import nibabel as nib
@@ -12,10 +13,13 @@ from medseg.geometry import LPS_TO_RAS
 from medseg.io.atomic import atomic_path
 from medseg.labelmap import label_dtype
 
-try:  # ISA-L deflates several times faster than zlib at the same (fastest) level; optional
-    from isal.igzip import IGzipFile as _gzip_cls
+_gzip_cls: type[gzip.GzipFile]
+try:  # ISA-L deflates faster than zlib at the same (fastest) level; optional
+    from isal.igzip import IGzipFile
+
+    _gzip_cls = IGzipFile
 except ImportError:  # pragma: no cover - depends on the environment
-    from gzip import GzipFile as _gzip_cls
+    _gzip_cls = gzip.GzipFile
 
 GZIP_LEVEL = 1
 """Deflate level of written ``.nii.gz`` files (nibabel's default, the fastest)."""
@@ -46,7 +50,7 @@ def save_nifti(img: nib.Nifti1Image, path: Path) -> None:
 
 def _as_numpy(array: object) -> np.ndarray:
     if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()  # type: ignore[union-attr]
+        array = array.detach().cpu().numpy()
     return np.asarray(array)
 
 

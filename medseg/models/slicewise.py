@@ -155,11 +155,12 @@ def register_slicewise(name_2d: str, name: str | None = None) -> str:
         params_2d = inner_params(p)
         net = inner.builder(params_2d, in_channels * (2 * p.context + 1), out_channels)
         # the 2D network carries its own facts too, for tiling that runs it slice by slice itself
-        net.size_divisors = inner.divisors(params_2d)
-        net.size_divisor = net.size_divisors[0]
-        net.spatial_dims = 2
-        net.preferred_memory_format = inner.memory_format
-        return SliceWise(net, p.axis, p.context, net.size_divisor)
+        divisors = inner.divisors(params_2d)
+        net.size_divisors = divisors  # type: ignore[assignment]
+        net.size_divisor = divisors[0]  # type: ignore[assignment]
+        net.spatial_dims = 2  # type: ignore[assignment]
+        net.preferred_memory_format = inner.memory_format  # type: ignore[assignment]
+        return SliceWise(net, p.axis, p.context, divisors[0])
 
     build.__doc__ = f"'{name_2d}' applied slice by slice to volumes."
     return name

@@ -151,7 +151,7 @@ class ResampleToSpacingd(MapTransform, InvertibleTransform):
                 dtype=np.float64,
             )
             n_ops = len(out.applied_operations)
-            out = resample(out)
+            out = resample(out)  # type: ignore[assignment]  # a MetaTensor stays one while meta is tracked
             if isinstance(out, MetaTensor) and len(out.applied_operations) > n_ops:
                 record = dict(out.applied_operations.pop())
                 # Spacing instances are per call; let any resampler invert the entry.
@@ -200,7 +200,7 @@ class ResampleToSpacingd(MapTransform, InvertibleTransform):
         out = img
         for record in reversed(records):
             out.applied_operations.append(dict(record))
-            out = self._resampler.inverse(out)
+            out = self._resampler.inverse(out)  # type: ignore[assignment]  # keeps the MetaTensor
         return out
 
     def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -222,7 +223,7 @@ def choose_postprocessing(
     truths: Sequence[np.ndarray],
     labels: Sequence[int],
     spacing: Sequence[float] | None = None,
-    connectivity: str = "full",
+    connectivity: Literal["face", "full"] = "full",
     min_gain: float = 0.0,
 ) -> PostprocessConfig:
     """Choose per-label post-processing on validation cases, keeping only what improves the Dice.

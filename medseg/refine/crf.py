@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import numpy as np
 import torch
@@ -217,7 +217,7 @@ def as_plain_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def plan_crf(
-    probs: torch.Tensor, image: torch.Tensor, spacing: Sequence[float], cfg: DenseCRFConfig
+    probs: torch.Tensor | np.ndarray, image: torch.Tensor, spacing: Sequence[float], cfg: DenseCRFConfig
 ) -> CRFInfo:
     """Check the inputs and plan the CRF: the refined box and its blocks (none if it does not run).
 
@@ -245,8 +245,12 @@ def plan_crf(
 
 
 def iter_blocks(
-    probs: torch.Tensor, image: torch.Tensor, spacing: Sequence[float], cfg: DenseCRFConfig, info: CRFInfo
-) -> Iterator[tuple[tuple[slice, ...], torch.Tensor]]:
+    probs: torch.Tensor | np.ndarray,
+    image: torch.Tensor,
+    spacing: Sequence[float],
+    cfg: DenseCRFConfig,
+    info: CRFInfo,
+) -> Generator[tuple[tuple[slice, ...], torch.Tensor], None, None]:
     """Refine block by block; yield each block's core (as slices of the grid) and its marginals."""
     probs, image = as_plain_tensor(probs), as_plain_tensor(image)
     spacing = tuple(float(s) for s in spacing)

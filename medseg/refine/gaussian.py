@@ -91,6 +91,7 @@ class SeparableGaussian:
             return x.reshape(c, *self.shape) if out is None else out.copy_(x.reshape(c, *self.shape))
         for i, axis in enumerate(steps):
             up = self.matrices[axis]
+            assert up is not None  # steps holds the axes that have a matrix
             before = c * math.prod(sizes[:axis])
             after = math.prod(sizes[axis + 1 :])
             sizes[axis] = self.shape[axis]

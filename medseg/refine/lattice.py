@@ -308,8 +308,9 @@ class PermutohedralLattice:
         pair = self._grid_pair
         if pair is None or pair[0].shape[1] != c or pair[0].dtype != like.dtype:
             self._grid_pair = None  # free the old pair first
-            pair = tuple(
-                torch.empty(self.n_vertices, c, dtype=like.dtype, device=like.device) for _ in range(2)
+            pair = (
+                torch.empty(self.n_vertices, c, dtype=like.dtype, device=like.device),
+                torch.empty(self.n_vertices, c, dtype=like.dtype, device=like.device),
             )
             self._grid_pair = pair
         return pair[0], pair[1]

@@ -53,8 +53,8 @@ class RefineReport:
 
     def metrics(self, prefix: str = "refine/") -> dict[str, float]:
         """The numeric facts, as MLflow metrics (flat names, floats)."""
-        keys = ("crf_changed_fraction", "post_changed_fraction", "changed_fraction", "crf_blocks")
-        keys += ("crf_seconds", "post_seconds")
+        keys: tuple[str, ...] = ("crf_changed_fraction", "post_changed_fraction", "changed_fraction")
+        keys += ("crf_blocks", "crf_seconds", "post_seconds")
         return {f"{prefix}{k}": float(getattr(self, k)) for k in keys}
 
     def as_dict(self) -> dict[str, object]:
@@ -103,7 +103,7 @@ def postprocess_with_report(
     return final, report
 
 
-def _argmax(probs: torch.Tensor, dtype: np.dtype, chunk_voxels: int = 1 << 22) -> np.ndarray:
+def _argmax(probs: torch.Tensor | np.ndarray, dtype: np.dtype, chunk_voxels: int = 1 << 22) -> np.ndarray:
     """Argmax over labels as a CPU array of ``dtype``, slab by slab (no full-size int64 map)."""
     probs = as_plain_tensor(probs)
     shape = tuple(probs.shape[1:])

@@ -143,7 +143,7 @@ class ProbabilityWriter:
         self.path = Path(path)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
-        self._array: np.ndarray | None = None
+        self._array: np.memmap | None = None
 
     def consume(self, slab: Slab) -> None:
         """Write the slab's probabilities."""

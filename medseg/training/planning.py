@@ -7,6 +7,7 @@ editing the file.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,7 @@ def plan_network(
     return rounded, channels, why  # type: ignore[return-value]
 
 
-def _flips_why(mirror: list[int]) -> str:
+def _flips_why(mirror: Sequence[int]) -> str:
     if mirror == [0, 1, 2]:
         return "flips along every axis (the data spec's mirror_axes)"
     if not mirror:
