@@ -50,7 +50,7 @@ def synth(
     except ValueError:
         _fail(f"--size must be three integers X,Y,Z, got {size!r}")
     try:
-        spec = generate_dataset(out_dir, cases, shape=shape, seed=seed, modality=modality, dicom=dicom)  # type: ignore[arg-type]
+        spec = generate_dataset(out_dir, cases, shape=shape, seed=seed, modality=modality, dicom=dicom)
     except (MedsegError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {cases} cases; data spec: {spec}")

@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import nibabel as nib
@@ -23,7 +24,7 @@ from medseg.errors import InputError
 from medseg.geometry import lps_to_ras
 from medseg.io.dicom_series import DicomVolume, read_series
 
-PathLike = str | Path
+PathLike = str | os.PathLike[Any]
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".nii", ".nii.gz", ".hdr", ".img", ".vtk", ".gipl")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -78,7 +79,11 @@ class DicomSeriesReader(ImageReader):
         Returns:
             One :class:`DicomVolume` per folder.
         """
-        opts = {"series_uid": self.series_uid, "min_slices": self.min_slices, "allow_tilt": self.allow_tilt}
+        opts: dict[str, Any] = {
+            "series_uid": self.series_uid,
+            "min_slices": self.min_slices,
+            "allow_tilt": self.allow_tilt,
+        }
         opts.update(kwargs)
         items = ensure_tuple(data)
         if all(not Path(f).is_dir() for f in items):
@@ -162,13 +167,17 @@ class SimpleITKReader(ImageReader):
         return _stack(arrays, metas)
 
 
-try:  # ISA-L inflates gzip about twice as fast as zlib; optional
-    from isal import isal_zlib as _inflate_lib
+_inflate_lib: ModuleType
+_INFLATE_ERRORS: tuple[type[Exception], ...]
+try:  # ISA-L inflates gzip faster than zlib; optional
+    from isal import isal_zlib
 
-    _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, _inflate_lib.error)
+    _inflate_lib = isal_zlib
+    _INFLATE_ERRORS = (zlib.error, isal_zlib.error)  # type: ignore[assignment]  # isal's stub: a class
 except ImportError:  # pragma: no cover - depends on the environment
     _inflate_lib = zlib
     _INFLATE_ERRORS = (zlib.error,)
+_READ_ERRORS: tuple[type[Exception], ...] = (OSError, EOFError, *_INFLATE_ERRORS)
 
 _READ_CHUNK = 1 << 20  # compressed bytes fed to the inflater at a time
 _SLAB_BYTES = 8 << 20  # planes reordered together: large enough to amortise, small enough for the cache
@@ -343,10 +352,16 @@ class NiftiReader(ImageReader):
             except (OSError, EOFError, nib.filebasedimages.ImageFileError, ValueError) as exc:
                 msg = f"{path}: must be a readable NIfTI file, got {type(exc).__name__}: {exc}"
                 raise InputError(msg) from exc
-            header = img.header
+            if not isinstance(img, nib.Nifti1Image):  # NIfTI-2 images are NIfTI-1 images too
+                msg = f"{path}: must be a NIfTI file, got a {type(img).__name__}"
+                raise InputError(msg)
+            header, proxy = img.header, img.dataobj
+            if not isinstance(proxy, nib.arrayproxy.ArrayProxy):  # as nib.load makes it
+                msg = f"{path}: must be a NIfTI file on disk, got its data as a {type(proxy).__name__}"
+                raise InputError(msg)
             shape = tuple(int(s) for s in header.get_data_shape())
             dtype = header.get_data_dtype()
-            offset = int(img.dataobj.offset)
+            offset = int(proxy.offset)
             need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             sink = _PlaneReorderer(offset, shape, dtype)
             try:
@@ -359,13 +374,13 @@ class NiftiReader(ImageReader):
                     )
                     raise InputError(msg)
                 arr = sink.result()
-            except (OSError, EOFError, *_INFLATE_ERRORS) as exc:
+            except _READ_ERRORS as exc:
                 msg = f"{path}: must be a readable NIfTI file, got {type(exc).__name__}: {exc}"
                 raise InputError(msg) from exc
             finally:
                 sink.close()
             # the header's scl_slope/scl_inter are reset on load; the data object keeps them
-            slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+            slope, inter = float(proxy.slope), float(proxy.inter)
             if slope is not None and not (slope == 1 and (inter or 0) == 0):
                 arr = arr * np.float32(slope) + np.float32(inter or 0)
             out.append((arr, np.asarray(img.affine, dtype=np.float64)))

@@ -217,7 +217,10 @@ def as_plain_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def plan_crf(
-    probs: torch.Tensor | np.ndarray, image: torch.Tensor, spacing: Sequence[float], cfg: DenseCRFConfig
+    probs: torch.Tensor | np.ndarray,
+    image: torch.Tensor | np.ndarray,
+    spacing: Sequence[float],
+    cfg: DenseCRFConfig,
 ) -> CRFInfo:
     """Check the inputs and plan the CRF: the refined box and its blocks (none if it does not run).
 
@@ -246,7 +249,7 @@ def plan_crf(
 
 def iter_blocks(
     probs: torch.Tensor | np.ndarray,
-    image: torch.Tensor,
+    image: torch.Tensor | np.ndarray,
     spacing: Sequence[float],
     cfg: DenseCRFConfig,
     info: CRFInfo,

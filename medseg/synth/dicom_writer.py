@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import tempfile
 from collections.abc import Callable
@@ -227,26 +228,26 @@ def write_dicom_series(
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     template = _series_template(mod, arr)
-    template.update(
-        {
-            "PatientName": patient_name,
-            "PatientID": patient_id,
-            "StudyInstanceUID": study_uid,
-            "SeriesInstanceUID": series_uid,
-            "FrameOfReferenceUID": frame_of_reference_uid
-            or generate_uid(entropy_srcs=[study_uid, "frame-of-reference"]),
-            "SeriesDescription": series_description,
-            "SeriesNumber": series_number,
-            "ImageOrientationPatient": _ds(np.concatenate([row, col])),
-            "PixelSpacing": _ds([spacing[1], spacing[0]]),
-            "SliceThickness": format_number_as_ds(float(spacing[2])),
-            "RescaleSlope": format_number_as_ds(float(rescale_slope)),
-            "RescaleIntercept": format_number_as_ds(intercept),
-            "Rows": ny,
-            "Columns": nx,
-            "PixelRepresentation": pixel_rep,
-        }
-    )
+    series_values = {
+        "PatientName": patient_name,
+        "PatientID": patient_id,
+        "StudyInstanceUID": study_uid,
+        "SeriesInstanceUID": series_uid,
+        "FrameOfReferenceUID": frame_of_reference_uid
+        or generate_uid(entropy_srcs=[study_uid, "frame-of-reference"]),
+        "SeriesDescription": series_description,
+        "SeriesNumber": series_number,
+        "ImageOrientationPatient": _ds(np.concatenate([row, col])),
+        "PixelSpacing": _ds([spacing[1], spacing[0]]),
+        "SliceThickness": format_number_as_ds(float(spacing[2])),
+        "RescaleSlope": format_number_as_ds(float(rescale_slope)),
+        "RescaleIntercept": format_number_as_ds(intercept),
+        "Rows": ny,
+        "Columns": nx,
+        "PixelRepresentation": pixel_rep,
+    }
+    for keyword, value in series_values.items():
+        setattr(template, keyword, value)
     gaps = np.abs(np.diff(positions @ normal))
     if nz > 1 and np.allclose(gaps, gaps[0], rtol=1e-6, atol=1e-6):
         template.SpacingBetweenSlices = format_number_as_ds(float(gaps[0]))
@@ -269,7 +270,7 @@ def write_dicom_series(
         ds.SliceLocation = format_number_as_ds(float(positions[k] @ normal))
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         dest = out_dir / file_names.format(int(numbers[k]))
-        _atomic_save(dest, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+        _atomic_save(dest, functools.partial(_save_as, ds))
         paths.append(dest)
     return paths
 
@@ -317,6 +318,10 @@ def _series_template(mod: str, arr: np.ndarray) -> Dataset:
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
     return ds
+
+
+def _save_as(ds: FileDataset, path: str) -> None:
+    ds.save_as(path, enforce_file_format=True)
 
 
 def _atomic_save(dest: Path, save: Callable[[str], object]) -> None:
