@@ -12,9 +12,20 @@ the reason, e.g. a prediction on another voxel grid) or ``unlabelled`` (no refer
 The metrics and their empty-mask policy are in :mod:`medseg.evaluation.metrics`.
 
 Examples:
-    >>> from medseg.config.spec import load_spec  # doctest: +SKIP
-    >>> ev = evaluate_folder(load_spec("spec.yaml"), "preds")  # doctest: +SKIP
-    >>> [(s.label, s.metric, round(s.mean, 3)) for s in ev.summary() if s.metric == "dice"]  # doctest: +SKIP
+    >>> import shutil, tempfile
+    >>> from pathlib import Path
+    >>> from medseg.config.spec import load_spec
+    >>> from medseg.synth import generate_dataset
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> loaded = load_spec(generate_dataset(Path(tmp.name, "data"), 2, shape=(32, 32, 12), dicom=False))
+    >>> preds = Path(tmp.name, "preds")
+    >>> preds.mkdir()
+    >>> for case in loaded.resolve_cases():  # the references themselves as predictions
+    ...     _ = shutil.copy(case.label, preds / f"{case.id}.nii.gz")
+    >>> ev = evaluate_folder(loaded, preds)
+    >>> [(s.label, s.n, round(s.mean, 3)) for s in ev.summary() if s.metric == "dice"]
+    [('organ', 2, 1.0), ('lesion', 2, 1.0), ('vessel', 2, 1.0), ('all', 2, 1.0)]
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

@@ -12,8 +12,20 @@ baseline group, per metric and label:
   then :func:`~medseg.evaluation.compare.paired_difference` over the cases both groups scored.
 
 Examples:
-    >>> comp = compare_runs(experiment="ablation", kind="evaluate")  # doctest: +SKIP
-    >>> grouped = group_runs(comp, ["pipeline", "refine.crf.enabled"])  # doctest: +SKIP
+    >>> import tempfile
+    >>> from medseg.evaluation.compare import compare_runs
+    >>> from medseg.tracking import tracked_run
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> uri = f"sqlite:///{tmp.name}/mlflow.db"
+    >>> for seed, crf, dice in ((0, False, 0.80), (1, False, 0.82), (0, True, 0.78), (1, True, 0.79)):
+    ...     with tracked_run("evaluate", uri=uri, params={"seed": seed, "crf": crf}) as run:
+    ...         run.log_metric("dice_mean", dice)
+    >>> grouped = group_runs(compare_runs(kind="evaluate", uri=uri), ["crf"], baseline="False", uri=uri)
+    >>> [(s.group, s.n_runs, round(s.mean, 3)) for s in grouped.stats]
+    [('False', 2, 0.81), ('True', 2, 0.785)]
+    >>> [(d.group, round(d.diff, 3), d.beyond_noise) for d in grouped.diffs]
+    [('True', -0.025, True)]
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations

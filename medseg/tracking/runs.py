@@ -302,9 +302,13 @@ def tracked_run(
 
     Examples:
         >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as tmp:  # doctest: +SKIP
-        ...     with tracked_run("plan", uri=f"sqlite:///{tmp}/mlflow.db", params={"a": {"b": 1}}) as run:
+        >>> from medseg.tracking import find_runs
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     uri = f"sqlite:///{tmp}/mlflow.db"
+        ...     with tracked_run("plan", uri=uri, params={"a": {"b": 1}}) as run:
         ...         run.log_metric("patches", 27)
+        ...     [(r["kind"], r["params"], r["metrics"]) for r in find_runs(uri=uri)]
+        [('plan', {'a.b': '1'}, {'patches': 27.0})]
     """
     kind = RunKind.parse(kind)
     uri = uri or tracking_uri()
