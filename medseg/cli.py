@@ -1,19 +1,45 @@
 """The ``medseg`` command. Each subcommand calls the library; heavy modules load lazily.
 
 Exit status: 0 success; 1 when some scans failed; 2 when the run could not start (bad arguments,
-config or model, an output folder that cannot be written). :func:`main` is the one place that turns
-the library's errors into that status and a one-line message on stderr.
+config or model, an output folder that cannot be written). :class:`Commands` is the one place that
+turns the library's errors into that status and a one-line message on stderr.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import click
 import typer
+from typer.core import TyperGroup
+
+
+class Commands(TyperGroup):
+    """medseg's subcommands, run under its one error policy.
+
+    Errors that mean the run could not start or go on — medseg's own (:class:`~medseg.errors.MedsegError`:
+    a bad config, spec, model or argument) and the operating system's (an output folder that cannot be
+    made or written) — end the command with exit status 2 and one line on stderr, never a traceback.
+    Anything else is a bug and keeps its traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the chosen subcommand, turning errors that stop it into exit status 2 and one line."""
+        from medseg.errors import MedsegError
+
+        try:
+            return super().invoke(ctx)
+        except (MedsegError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+                raise  # a closed pipe (``medseg ... | head``): click ends quietly
+            _fail(_one_line(exc))
+
 
 app = typer.Typer(
+    cls=Commands,
     name="medseg",
     help="Medical image segmentation: load, preprocess, tile, model, stitch, refine, export, track.",
     no_args_is_help=True,
@@ -64,12 +90,8 @@ def check(
     """Validate a data spec against its files (co-registered channels, declared label values)."""
     from medseg.config.check import check_spec_data
     from medseg.config.spec import load_spec
-    from medseg.errors import MedsegError
 
-    try:
-        n = check_spec_data(load_spec(spec, data_root))
-    except MedsegError as exc:
-        _fail(str(exc))
+    n = check_spec_data(load_spec(spec, data_root))
     typer.echo(f"{spec}: {n} cases OK")
 
 
@@ -84,18 +106,14 @@ def plan(
 ) -> None:
     """Fingerprint a data set and write a pipeline config with every decision explained."""
     from medseg.config.spec import load_spec
-    from medseg.errors import MedsegError
     from medseg.tracking import tracked_run
     from medseg.training.planning import plan_pipeline, write_plan
 
-    try:
-        loaded = load_spec(spec, data_root)
-        cfg, text = plan_pipeline(loaded, model=model, budget_mb=budget_mb, gpu=gpu)
-        write_plan(out, text)
-        with tracked_run("plan", run_name=cfg.name, params=cfg.model_dump(mode="json")) as run:
-            run.log_text(text, "pipeline.yaml")
-    except MedsegError as exc:
-        _fail(str(exc))
+    loaded = load_spec(spec, data_root)
+    cfg, text = plan_pipeline(loaded, model=model, budget_mb=budget_mb, gpu=gpu)
+    write_plan(out, text)
+    with tracked_run("plan", run_name=cfg.name, params=cfg.model_dump(mode="json")) as run:
+        run.log_text(text, "pipeline.yaml")
     typer.echo(text)
     typer.echo(f"wrote {out}")
 
@@ -315,12 +333,8 @@ def demo(
 ) -> None:
     """Synthetic data → training → prediction (NIfTI and DICOM) → MLflow, end to end, with a report."""
     from medseg.demo import run_demo
-    from medseg.errors import MedsegError
 
-    try:
-        run_demo(out, cases=cases, minutes=minutes, seed=seed, echo=typer.echo)
-    except MedsegError as exc:
-        _fail(str(exc))
+    run_demo(out, cases=cases, minutes=minutes, seed=seed, echo=typer.echo)
 
 
 @app.command()
@@ -661,24 +675,9 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``medseg`` console script.
-
-    Errors that mean the run could not start or go on — medseg's own (:class:`~medseg.errors.MedsegError`:
-    a bad config, spec, model or argument) and the operating system's (an output folder that cannot be
-    made or written) — end the command with exit status 2 and one line on stderr, never a traceback.
-    Anything else is a bug and keeps its traceback.
-
-    Args:
-        argv: The arguments (default: ``sys.argv[1:]``).
-    """
-    from medseg.errors import MedsegError
-
-    try:
-        app(args=argv, prog_name="medseg")
-    except (MedsegError, OSError) as exc:
-        typer.secho(f"medseg: error: {_one_line(exc)}", err=True, fg=typer.colors.RED)
-        sys.exit(EXIT_CANNOT_START)
+def main() -> None:
+    """Entry point of the ``medseg`` console script (errors become exit codes in :class:`Commands`)."""
+    sys.exit(app())
 
 
 if __name__ == "__main__":

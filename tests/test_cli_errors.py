@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from medseg.bundle import build_network, save_bundle
+from medseg.cli import app
 from medseg.config.pipeline import PipelineConfig
 from medseg.config.spec import DatasetSpec
-from medseg.synth import write_nifti
-
-pytestmark = pytest.mark.slow  # each case starts the real console script (imports torch and MONAI)
+from medseg.synth import generate_dataset, write_nifti
 
 
 def _medseg(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -55,6 +55,7 @@ def _assert_cannot_start(proc: subprocess.CompletedProcess[str], *needles: str) 
         assert needle in lines[0], lines[0]
 
 
+@pytest.mark.slow  # starts the real console script (imports torch and MONAI)
 def test_unwritable_output_folder_exits_2_with_one_line(tmp_path: Path) -> None:
     scans, bundle = _scans_and_bundle(tmp_path)
     blocker = tmp_path / "a-file"
@@ -64,6 +65,7 @@ def test_unwritable_output_folder_exits_2_with_one_line(tmp_path: Path) -> None:
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 def test_invalid_tiling_argument_exits_2_with_one_line(tmp_path: Path) -> None:
     scans, bundle = _scans_and_bundle(tmp_path)
     record = json.loads((bundle / "bundle.json").read_text())
@@ -74,7 +76,34 @@ def test_invalid_tiling_argument_exits_2_with_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "a").exists()
 
 
+@pytest.mark.slow
 def test_bad_size_argument_exits_2_with_one_line(tmp_path: Path) -> None:
     proc = _medseg("synth", tmp_path / "data", "--size", "64,64", cwd=tmp_path)
     _assert_cannot_start(proc, "--size must be three integers")
     assert not (tmp_path / "data").exists()
+
+
+def test_every_command_turns_medseg_and_os_errors_into_status_2(tmp_path: Path) -> None:
+    missing = CliRunner().invoke(app, ["check", str(tmp_path / "missing.yaml")])
+    assert missing.exit_code == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"medseg: error: config file must exist, got missing path {tmp_path / 'missing.yaml'}"
+    ]
+    (tmp_path / "spec.yaml").mkdir()  # a folder where a file should be: the OS refuses to read it
+    folder = CliRunner().invoke(app, ["check", str(tmp_path / "spec.yaml")])
+    assert folder.exit_code == 2, folder.output
+    assert len(folder.stderr.strip().splitlines()) == 1
+    assert folder.stderr.startswith("medseg: error: ")
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import medseg.config.check
+
+    def broken(*args: object, **kwargs: object) -> int:
+        raise ZeroDivisionError("a bug, not a bad input")
+
+    monkeypatch.setattr(medseg.config.check, "check_spec_data", broken)
+    spec = generate_dataset(tmp_path / "data", 1, shape=(16, 16, 6), dicom=False)
+    result = CliRunner().invoke(app, ["check", str(spec)])
+    assert isinstance(result.exception, ZeroDivisionError)
+    assert result.exit_code == 1
