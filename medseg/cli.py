@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -26,7 +25,7 @@ class Commands(TyperGroup):
     Anything else is a bug and keeps its traceback.
     """
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]  # typer passes its Context
         """Run the chosen subcommand, turning errors that stop it into exit status 2 and one line."""
         from medseg.errors import MedsegError
 
