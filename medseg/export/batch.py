@@ -158,7 +158,7 @@ def convert_label_map(
         raw.astype(np.int64),
         np.asarray(lab_img.affine, dtype=np.float64),
         target,
-        tuple(source.shape[1:]),
+        (int(source.shape[1]), int(source.shape[2]), int(source.shape[3])),
         what=str(labels),
     )
     if table is None:

@@ -206,6 +206,9 @@ def case_from_folder(
         msg = f"case folder must hold {LABEL_FILE}, got none in {case_dir}"
         raise InputError(msg)
     img = nib.load(label_path)
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        msg = f"{label_path}: must be a label map with a voxel grid, got a {type(img).__name__}"
+        raise InputError(msg)
     labels = np.asarray(img.dataobj)
     affine = np.asarray(img.affine, dtype=np.float64)
     if label_table is None:

@@ -67,7 +67,7 @@ def read_headers(files: Sequence[Path]) -> list[pydicom.Dataset]:
     Raises:
         InputError: If a file is not readable DICOM.
     """
-    out = []
+    out: list[pydicom.Dataset] = []
     for f in files:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -106,9 +106,9 @@ def place_series(
         InputError: An empty series or an unreadable file.
         GeometryError: An instance that does not lie on a slice of the grid.
     """
-    headers = [f if isinstance(f, pydicom.Dataset) else None for f in files]
-    if any(h is None for h in headers):
-        headers = read_headers([Path(f) for f in files])  # type: ignore[arg-type]
+    headers = [f for f in files if isinstance(f, pydicom.Dataset)]
+    if len(headers) < len(files):
+        headers = read_headers([Path(f) for f in files])
     if not headers:
         msg = "DICOM series must hold at least one instance, got none"
         raise InputError(msg)

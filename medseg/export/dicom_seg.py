@@ -66,7 +66,7 @@ def segment_frames(case: CaseExport) -> tuple[Any, np.ndarray]:
     for number, value in enumerate(values, start=1):
         lut[value] = number
     nx, ny, nz = labels.shape
-    filled = labels.reshape(-1, nz).any(axis=0)  # slices holding a label; the others stay zeros
+    filled = np.asarray(labels.reshape(-1, nz).any(axis=0))  # slices holding a label; others stay zeros
     frames = np.zeros((nz, ny, nx), dtype=dtype)
     for j, k in enumerate(instance_slices(grid)):
         if filled[k]:
