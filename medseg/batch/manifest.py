@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import InputError
-from medseg.export.batch import BatchCase
+from medseg.export.facts import BatchCase
 from medseg.io.atomic import atomic_write_text
 from medseg.labelmap import LABEL_FILE
 

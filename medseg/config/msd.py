@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.config.base import read_json, validate
-from medseg.config.spec import DatasetSpec, Modality
+from medseg.config.spec import SPEC_READERS, DatasetSpec, Modality
 from medseg.errors import ConfigError
 
 _MR_NAMES = re.compile(r"^(mri?|t1.*|t2.*|flair|adc|dwi|pd|swi|mra|t1gd|t1ce)$", re.IGNORECASE)
@@ -127,3 +127,6 @@ def spec_from_dataset_json(path: str | Path) -> DatasetSpec:
         cases.append({"id": Path(stem).name, "images": images, "label": label})
     raw = {"name": name, "description": description, "channels": channels, "labels": labels, "cases": cases}
     return validate(DatasetSpec, raw, str(path))
+
+
+SPEC_READERS[".json"] = spec_from_dataset_json

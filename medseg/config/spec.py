@@ -20,6 +20,7 @@ import enum
 import glob
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -314,6 +315,11 @@ class LoadedSpec(FrozenModel):
         return cases
 
 
+SPEC_READERS: dict[str, Callable[[Path], DatasetSpec]] = {}
+"""Readers of data specs in other formats, by file suffix (``.json``: an MSD/nnU-Net
+``dataset.json``, registered by :mod:`medseg.config.msd`); their data root is the file's folder."""
+
+
 def load_spec(path: str | Path, data_root: str | Path | None = None) -> LoadedSpec:
     """Load and validate a data spec (YAML, or an MSD/nnU-Net ``dataset.json``).
 
@@ -329,10 +335,9 @@ def load_spec(path: str | Path, data_root: str | Path | None = None) -> LoadedSp
         ConfigError: If the file is missing or invalid (message names file and field).
     """
     path = Path(path)
-    if path.suffix == ".json":
-        from medseg.config.msd import spec_from_dataset_json
-
-        spec = spec_from_dataset_json(path)
+    reader = SPEC_READERS.get(path.suffix.lower())
+    if reader is not None:
+        spec = reader(path)
         default_root = path.parent
     else:
         spec = validate(DatasetSpec, read_yaml(path), str(path))

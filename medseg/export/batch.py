@@ -13,46 +13,18 @@ manifest.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from medseg.errors import InputError
 from medseg.export.case import CaseExport, case_from_folder, first_channel
-from medseg.export.facts import AlgorithmInfo, read_case_facts
+from medseg.export.facts import AlgorithmInfo, BatchCase, read_case_facts
 from medseg.export.labels import LabelEntry, label_table
 from medseg.export.registry import CASE_EXPORTS, export_case, parse_exports
 from medseg.export.review_page import ReviewSettings, write_review
 from medseg.export.stats import write_batch_stats
-from medseg.labelmap import LABEL_FILE, label_dtype
-
-
-@dataclass(frozen=True)
-class BatchCase:
-    """One scan of a batch, as its manifest records it.
-
-    Attributes:
-        case_id: The case id (its folder's name).
-        status: ``ok`` when segmented, else ``failed``, ``pending``, ...
-        inputs: The source files, where known.
-        outputs: The files written for it, relative to the batch folder.
-        error: Why it failed.
-        quality: Quality measures of the prediction.
-        refine: What refinement changed.
-    """
-
-    case_id: str
-    status: str
-    inputs: tuple[Path, ...] = ()
-    outputs: tuple[str, ...] = ()
-    error: str | None = None
-    quality: Mapping[str, Any] = field(default_factory=dict)
-    refine: Mapping[str, Any] | None = None
-
-    def segmented(self, out_dir: Path) -> bool:
-        """Whether it was segmented and its label map is in ``out_dir``."""
-        return self.status == "ok" and (Path(out_dir) / self.case_id / LABEL_FILE).is_file()
+from medseg.labelmap import label_dtype
 
 
 def missing_exports(case_dir: Path, names: Sequence[str]) -> list[str]:

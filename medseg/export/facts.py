@@ -23,6 +23,7 @@ import numpy as np
 
 from medseg.export.labels import LabelEntry, entries_from_dicts
 from medseg.io.atomic import atomic_write_text
+from medseg.labelmap import LABEL_FILE
 
 CASE_FILE = "case.json"
 
@@ -187,3 +188,30 @@ def write_case_facts(
     path = Path(case_dir) / CASE_FILE
     atomic_write_text(path, json.dumps(merged.as_dict(), indent=1))
     return path
+
+
+@dataclass(frozen=True)
+class BatchCase:
+    """One scan of a batch, as its manifest records it.
+
+    Attributes:
+        case_id: The case id (its folder's name).
+        status: ``ok`` when segmented, else ``failed``, ``pending``, ...
+        inputs: The source files, where known.
+        outputs: The files written for it, relative to the batch folder.
+        error: Why it failed.
+        quality: Quality measures of the prediction.
+        refine: What refinement changed.
+    """
+
+    case_id: str
+    status: str
+    inputs: tuple[Path, ...] = ()
+    outputs: tuple[str, ...] = ()
+    error: str | None = None
+    quality: Mapping[str, Any] = field(default_factory=dict)
+    refine: Mapping[str, Any] | None = None
+
+    def segmented(self, out_dir: Path) -> bool:
+        """Whether it was segmented and its label map is in ``out_dir``."""
+        return self.status == "ok" and (Path(out_dir) / self.case_id / LABEL_FILE).is_file()

@@ -26,7 +26,7 @@ from medseg.io.atomic import atomic_write_text
 if TYPE_CHECKING:
     import jinja2
 
-    from medseg.export.batch import BatchCase
+    from medseg.export.facts import BatchCase
 
 REPORT_DIR = "report"
 INDEX = "index.html"

@@ -17,7 +17,7 @@ from medseg.export.qc import CaseOutcome, Flag, QcSettings, batch_medians, case_
 from medseg.export.stats import read_stats
 
 if TYPE_CHECKING:
-    from medseg.export.batch import BatchCase
+    from medseg.export.facts import BatchCase
 
 GREY = (128, 128, 128)
 _PATIENT_TAGS = (
