@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.batch.runner import BatchSummary, run_prediction
+from medseg.batch.runner import BatchSummary, PredictionSettings, run_prediction
 from medseg.bundle import build_network, save_bundle
 from medseg.config.spec import DatasetSpec
 from medseg.demo import demo_pipeline
@@ -118,7 +118,10 @@ def main() -> None:
             t0 = time.perf_counter()
             parallel = args.parallel_scans if engine == "local" else None
             summary = run_prediction(
-                scans, out, [model], tracking_uri=uri, engine=engine, parallel_scans=parallel
+                scans,
+                out,
+                models=[model],
+                settings=PredictionSettings(tracking_uri=uri, engine=engine, parallel_scans=parallel),
             )
             results[engine] = report(summary, time.perf_counter() - t0)
     finally:

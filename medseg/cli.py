@@ -218,7 +218,11 @@ def predict(
     ],
     model: Annotated[
         list[str],
-        typer.Option("--model", help="Bundle folder or MLflow URI runs:/... models:/... (repeat: ensemble)."),
+        typer.Option(
+            "--model",
+            help="Bundle folder, MLflow URI runs:/... models:/..., or SCHEME:PATH of a registered "
+            "model source (repeat: ensemble).",
+        ),
     ],
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
@@ -280,13 +284,13 @@ def predict(
     import torch
 
     from medseg.batch.ray_engine import RaySettings
-    from medseg.batch.runner import run_prediction
+    from medseg.batch.runner import PredictionSettings, run_prediction
     from medseg.errors import MedsegError
     from medseg.sources.folder import ScanFilter
 
     if threads:
         torch.set_num_threads(threads)
-    if not source.exists():
+    if not source.exists() and not _has_scheme(str(source)):
         _fail(f"input must exist, got missing {source}")
     scan_filter = ScanFilter(tuple(modality or ()), series_description, min_slices)
     if engine != "ray" and (address or workers):
@@ -297,21 +301,23 @@ def predict(
         _fail(f"--{str(exc).replace('cpus_per_worker', 'threads')}")
     try:
         summary = run_prediction(
-            source,
+            str(source),  # a path, or SCHEME:LOCATION of a scan source
             out_dir,
-            model,
-            device=device,
+            models=model,
+            settings=PredictionSettings(
+                device=device,
+                scan_filter=scan_filter,
+                keep_probabilities=probabilities,
+                exports=_export_names(export),
+                show_patient_info=show_patient_info,
+                overwrite=overwrite,
+                engine=engine,
+                crf=crf,
+                postprocess=postprocess,
+                parallel_scans=parallel_scans,
+                ray=ray_settings,
+            ),
             echo=typer.echo,
-            scan_filter=scan_filter,
-            keep_probabilities=probabilities,
-            exports=_export_names(export),
-            show_patient_info=show_patient_info,
-            overwrite=overwrite,
-            engine=engine,
-            ray_settings=ray_settings,
-            crf=crf,
-            postprocess=postprocess,
-            parallel_scans=parallel_scans,
         )
     except MedsegError as exc:
         _fail(str(exc))
@@ -551,6 +557,13 @@ def _group_table(grouped: Any) -> Any:
         table.add_row(*cells)
     table.caption = "Δ: difference of means to the baseline; * larger than twice the seed noise"
     return table
+
+
+def _has_scheme(text: str) -> bool:
+    """Whether ``text`` is ``SCHEME:LOCATION`` (a scan source; an unknown scheme is refused later)."""
+    import re
+
+    return re.match(r"^[a-z][a-z0-9+.-]*:", text) is not None
 
 
 def _export_names(text: str) -> list[str]:

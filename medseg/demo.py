@@ -59,7 +59,7 @@ def run_demo(
     Returns:
         The report (also written to ``out/report.yaml``).
     """
-    from medseg.batch.runner import run_prediction
+    from medseg.batch.runner import PredictionSettings, run_prediction
     from medseg.export import DEFAULT_EXPORTS
     from medseg.synth import generate_dataset
     from medseg.training.baseline import ThresholdBaseline
@@ -115,20 +115,18 @@ def run_demo(
     pred_nifti = run_prediction(
         nifti_in,
         out / "predictions" / "nifti",
-        [result.bundle],
-        tracking_uri=uri,
-        experiment="medseg-demo",
-        exports=DEFAULT_EXPORTS,
+        models=[result.bundle],
+        settings=PredictionSettings(tracking_uri=uri, experiment="medseg-demo", exports=DEFAULT_EXPORTS),
     )
     dicom_in = [out / "data" / "dicom" / c.id for c in test_cases]
     pred_dicom = [
         run_prediction(
             d,
             out / "predictions" / "dicom" / c.id,
-            [result.bundle],
-            tracking_uri=uri,
-            experiment="medseg-demo",
-            exports=("dicom-seg", "stats"),
+            models=[result.bundle],
+            settings=PredictionSettings(
+                tracking_uri=uri, experiment="medseg-demo", exports=("dicom-seg", "stats")
+            ),
         )
         for d, c in zip(dicom_in, test_cases)
     ]

@@ -22,7 +22,7 @@ from geometry_helpers import shared
 from pydicom.dataset import FileDataset, FileMetaDataset
 from typer.testing import CliRunner
 
-from medseg.batch.runner import run_prediction
+from medseg.batch.runner import PredictionSettings, run_prediction
 from medseg.bundle import build_network, save_bundle
 from medseg.cli import app
 from medseg.config.pipeline import PipelineConfig
@@ -206,7 +206,7 @@ def test_mixed_folder_batch(tmp_path: Path) -> None:
     # inputs untouched
     assert before == {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     # a second run keeps the finished scans and retries the failed ones
-    again = run_prediction(root, tmp_path / "out", [bundle])
+    again = run_prediction(root, tmp_path / "out", models=[bundle])
     assert again.reused == sum(v == "ok" for v in expect.values()) + 1
     assert again.failed == sum(v == "failed" for v in expect.values())
 
@@ -226,7 +226,7 @@ def test_real_invalid_series_fail_with_their_reason(tmp_path: Path) -> None:
 
 def test_other_model_does_not_overwrite(tmp_path: Path) -> None:
     write_nifti(_vol(1), _aff(), tmp_path / "in" / "a.nii.gz")
-    run_prediction(tmp_path / "in", tmp_path / "out", [_bundle(tmp_path / "b1")])
+    run_prediction(tmp_path / "in", tmp_path / "out", models=[_bundle(tmp_path / "b1")])
     spec = DatasetSpec.model_validate(
         {
             "name": "t",
@@ -240,21 +240,26 @@ def test_other_model_does_not_overwrite(tmp_path: Path) -> None:
     )
     other = save_bundle(tmp_path / "b2", cfg, spec, build_network(cfg, spec))
     with pytest.raises(InputError, match="made with model"):
-        run_prediction(tmp_path / "in", tmp_path / "out", [other])
-    assert run_prediction(tmp_path / "in", tmp_path / "out", [other], overwrite=True).ok == 1
+        run_prediction(tmp_path / "in", tmp_path / "out", models=[other])
+    assert (
+        run_prediction(
+            tmp_path / "in", tmp_path / "out", models=[other], settings=PredictionSettings(overwrite=True)
+        ).ok
+        == 1
+    )
     (tmp_path / "nothing").mkdir()
     with pytest.raises(InputError, match="at least one scan"):
-        run_prediction(tmp_path / "nothing", tmp_path / "o2", [other])
+        run_prediction(tmp_path / "nothing", tmp_path / "o2", models=[other])
 
 
 def test_changed_input_is_redone(tmp_path: Path) -> None:
     write_nifti(_vol(1), _aff(), tmp_path / "in" / "a.nii.gz")
     bundle = _bundle(tmp_path / "b")
-    assert run_prediction(tmp_path / "in", tmp_path / "out", [bundle]).reused == 0
-    assert run_prediction(tmp_path / "in", tmp_path / "out", [bundle]).reused == 1
+    assert run_prediction(tmp_path / "in", tmp_path / "out", models=[bundle]).reused == 0
+    assert run_prediction(tmp_path / "in", tmp_path / "out", models=[bundle]).reused == 1
     time.sleep(0.01)
     write_nifti(_vol(2), _aff(), tmp_path / "in" / "a.nii.gz")
-    again = run_prediction(tmp_path / "in", tmp_path / "out", [bundle])
+    again = run_prediction(tmp_path / "in", tmp_path / "out", models=[bundle])
     assert again.reused == 0
     np.testing.assert_array_equal(load_image(tmp_path / "out" / "a" / "labels.nii.gz")[0].numpy(), _vol(2))
 
@@ -272,10 +277,10 @@ def test_overlapped_batch_matches_a_sequential_one(tmp_path: Path, parallel: int
         mode: run_prediction(
             tmp_path / "in",
             tmp_path / mode,
-            [bundle],
-            prefetch=mode == "overlap",
-            keep_probabilities=True,
-            parallel_scans=parallel,
+            models=[bundle],
+            settings=PredictionSettings(
+                prefetch=mode == "overlap", keep_probabilities=True, parallel_scans=parallel
+            ),
         )
         for mode in ("overlap", "sequential")
     }
@@ -304,7 +309,7 @@ def test_overlapped_batch_matches_a_sequential_one(tmp_path: Path, parallel: int
 
 
 def test_thread_share_gives_each_scan_in_flight_an_equal_share() -> None:
-    from medseg.batch.runner import _ThreadShare
+    from medseg.batch.local_engine import _ThreadShare
 
     threads = torch.get_num_threads()
     share = _ThreadShare(4, parallel=2)
@@ -415,7 +420,7 @@ def test_killed_batch_resumes_with_every_output_valid(tmp_path: Path) -> None:
     for case in (tmp_path / "out").iterdir():
         if case.is_dir() and not case.name.startswith("."):
             assert (case / "result.json").is_file(), case
-    resumed = run_prediction(tmp_path / "in", tmp_path / "out", [bundle])
+    resumed = run_prediction(tmp_path / "in", tmp_path / "out", models=[bundle])
     assert resumed.ok == 40
     assert resumed.failed == 0
     assert resumed.reused >= done_before

@@ -47,18 +47,20 @@ def _cfg(epochs: int = 2) -> PipelineConfig:
 def test_shards_are_equal_and_cover_every_case() -> None:
     cases = [f"c{i}" for i in range(7)]
     for world in (1, 2, 3, 8):
-        shards = [shard_cases(cases, r, world, seed=3) for r in range(world)]
+        shards = [shard_cases(cases, rank=r, world_size=world, seed=3) for r in range(world)]
         assert {len(s) for s in shards} == {math.ceil(len(cases) / world)}  # equal batches per rank
         assert set().union(*shards) == set(cases)
-    assert shard_cases(cases, 1, 2, seed=3) == shard_cases(list(cases), 1, 2, seed=3)  # same on every rank
-    assert shard_cases([], 0, 2, seed=0) == []
+    assert shard_cases(cases, rank=1, world_size=2, seed=3) == shard_cases(
+        list(cases), rank=1, world_size=2, seed=3
+    )  # same on every rank
+    assert shard_cases([], rank=0, world_size=2, seed=0) == []
     with pytest.raises(ValueError, match=r"rank must be in 0\.\.1, got 2"):
-        shard_cases(cases, 2, 2, seed=0)
+        shard_cases(cases, rank=2, world_size=2, seed=0)
     ranks = [DistContext(rank=r, world_size=3) for r in range(3)]
     assert [ctx.is_main for ctx in ranks] == [True, False, False]
     for seed in (0, 3):
         shards = [ctx.shard(cases, seed) for ctx in ranks]
-        assert [s[0] for s in shards] == [shard_cases(cases, r, 3, seed) for r in range(3)]
+        assert [s[0] for s in shards] == [shard_cases(cases, rank=r, world_size=3, seed=seed) for r in range(3)]
         patch_seeds = [s[1] for s in shards]
         assert len(set(patch_seeds)) == 3  # each rank samples its own patches
         assert patch_seeds[0] == seed  # rank 0 samples as a single process with that seed would

@@ -303,11 +303,14 @@ def test_review_page_renders_in_headless_chromium(tmp_path: Path) -> None:
 
 
 def test_library_exports_keep_the_volumes_name(tmp_path: Path) -> None:
-    from medseg.batch.runner import run_prediction
+    from medseg.batch.runner import PredictionSettings, run_prediction
 
     write_nifti(_blocks(8), np.diag([1.0, 1.0, 2.0, 1.0]), tmp_path / "in" / "a.nii.gz")
     summary = run_prediction(
-        tmp_path / "in", tmp_path / "out", [_bundle(tmp_path / "b")], exports=["volumes", "stats"]
+        tmp_path / "in",
+        tmp_path / "out",
+        models=[_bundle(tmp_path / "b")],
+        settings=PredictionSettings(exports=["volumes", "stats"]),
     )
     assert summary.ok == 1
     volumes = json.loads((tmp_path / "out" / "a" / "volumes.json").read_text())

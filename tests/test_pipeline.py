@@ -169,7 +169,9 @@ def test_tiny_train_predict_and_mlflow(tmp_path: Path, monkeypatch: pytest.Monke
     assert (result.bundle / "bundle.json").is_file()
     assert len(result.history) == 2
     assert 0.0 <= result.best_dice <= 1.0
-    summary = run_prediction(tmp_path / "data" / "nifti" / "imagesTr", tmp_path / "pred", [result.bundle])
+    summary = run_prediction(
+        tmp_path / "data" / "nifti" / "imagesTr", tmp_path / "pred", models=[result.bundle]
+    )
     assert summary.ok == 4
     assert summary.failed == 0
     first = load_image(next((tmp_path / "pred").glob("*/labels.nii.gz")))
@@ -199,7 +201,7 @@ def test_tiny_train_predict_and_mlflow(tmp_path: Path, monkeypatch: pytest.Monke
 def test_labels_only_prediction_agrees_with_the_probability_path_without_its_volume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import medseg.pipeline
+    import medseg.predict.stages
 
     vol = _label_volume()
     image = load_image(write_nifti(vol, _oblique(flip=True), tmp_path / "scan.nii.gz"))
@@ -207,8 +209,12 @@ def test_labels_only_prediction_agrees_with_the_probability_path_without_its_vol
     kept = predictor.predict(image, keep_probabilities=True)  # whole-volume probabilities, inverted
     assert kept.probabilities is not None
     with monkeypatch.context() as m:  # labels only: no probability volume is taken back to the source
-        m.setattr(medseg.pipeline, "invert_to_source", None)
+        m.setattr(medseg.predict.stages, "invert_to_source", None)
         fast = predictor.predict(image)
+    routes = {r.params.get("route") for r in fast.provenance if r.name == "model"}
+    assert routes == {"labels_to_source"}
+    assert [r.name for r in fast.provenance if r.name != "preprocess"][:2] == ["input", "plan"]
+    assert {r.params.get("route") for r in kept.provenance if r.name == "model"} == {"probabilities"}
     assert np.array_equal(fast.labels, vol)
     assert np.array_equal(kept.labels, vol)
     assert fast.probabilities is None

@@ -23,7 +23,7 @@ import torch
 from typer.testing import CliRunner
 
 from medseg.batch.ray_engine import WORKER_PREFIX, RaySettings
-from medseg.batch.runner import Engine, run_prediction
+from medseg.batch.runner import Engine, PredictionSettings, run_prediction
 from medseg.bundle import build_network, save_bundle
 from medseg.cli import app
 from medseg.config.pipeline import PipelineConfig
@@ -136,7 +136,12 @@ def test_without_ray_the_ray_engine_refuses_to_start(tmp_path: Path, monkeypatch
     monkeypatch.setitem(sys.modules, "ray", None)  # as if medseg[distributed] were not installed
     write_nifti(_scan(0), _affine(0), tmp_path / "in" / "a.nii.gz")
     with pytest.raises(MedsegError, match=r"the Ray batch engine needs ray; install medseg\[distributed\]"):
-        run_prediction(tmp_path / "in", tmp_path / "out", [_unet_bundle(tmp_path / "m")], engine="ray")
+        run_prediction(
+            tmp_path / "in",
+            tmp_path / "out",
+            models=[_unet_bundle(tmp_path / "m")],
+            settings=PredictionSettings(engine="ray"),
+        )
     assert not (tmp_path / "out").exists()  # nothing started: no output folder, no MLflow run
 
 
@@ -147,7 +152,9 @@ def test_ray_matches_the_local_runner_byte_for_byte(
     monkeypatch.chdir(tmp_path)  # relative paths, as a user types them: workers must still find them
     expect = _folder(Path("in"), 4)
     bundle = _unet_bundle(Path("model"))
-    local = run_prediction("in", "out_local", [bundle], exports=["volumes"])
+    local = run_prediction(
+        "in", "out_local", models=[bundle], settings=PredictionSettings(exports=["volumes"])
+    )
     done = CliRunner().invoke(
         app,
         ["predict", "in", "out_ray", "--model", str(bundle), "--export", "volumes", "--engine", "ray"],
@@ -176,7 +183,9 @@ def test_ray_matches_the_local_runner_byte_for_byte(
         result = json.loads(Path("out_ray", case, "result.json").read_text())
         assert result["status"] == "ok"
     # re-running resumes on Ray as locally: the finished scans are kept, the failed ones retried
-    again = run_prediction("in", "out_ray", [bundle], exports=["volumes"], engine="ray")
+    again = run_prediction(
+        "in", "out_ray", models=[bundle], settings=PredictionSettings(exports=["volumes"], engine="ray")
+    )
     assert (again.reused, again.ok, again.failed, again.workers) == (5, 5, 3, 2)
     assert 0 < again.start_seconds < again.seconds
     assert not list(Path("out_ray").glob(".tmp-*"))
@@ -196,9 +205,8 @@ def test_a_killed_worker_loses_and_duplicates_no_scan(ray_local: Any, tmp_path: 
             outcome["summary"] = run_prediction(
                 tmp_path / "in",
                 tmp_path / "out",
-                [bundle],
-                engine="ray",
-                ray_settings=RaySettings(workers=2),
+                models=[bundle],
+                settings=PredictionSettings(engine="ray", ray=RaySettings(workers=2)),
                 echo=said.append,
             )
         except BaseException as exc:  # handed to the test thread
@@ -260,7 +268,7 @@ def test_workers_that_cannot_start_end_the_run_with_the_reason(ray_local: Any, t
     settings = RaySettings(workers=1, max_attempts=2)
     engine = RayEngine(None, settings=settings)  # no predictor: every worker dies starting
     job = ScanJob(Scan("a", tmp_path / "a.nii.gz"), "fingerprint", "sha")
-    reason = "Ray workers must start and load the model, got: .*predictor must be a medseg Predictor"
+    reason = "Ray workers must start and load the model, got: .*predictor must be a segmentation model"
     with pytest.raises(ConfigError, match=reason):
         list(engine.results([job], tmp_path))
     assert not (tmp_path / "a").exists()

@@ -16,12 +16,13 @@ from medseg.errors import ConfigError
 from medseg.pipeline import Predictor, foreground_entropy
 from medseg.refine import RefineConfig
 from medseg.synth import write_nifti
-from medseg.tiling import TilingSettings
 
 LABELS = {"background": 0, "a": 1, "b": 2}
 
 
-def _bundle(tmp_path: Path, refine: dict | None = None, target_spacing=None) -> Path:
+def _bundle(
+    tmp_path: Path, refine: dict | None = None, target_spacing=None, inference: dict | None = None
+) -> Path:
     spec = DatasetSpec.model_validate(
         {
             "name": "identity",
@@ -34,6 +35,8 @@ def _bundle(tmp_path: Path, refine: dict | None = None, target_spacing=None) -> 
     raw = {"name": "identity", "model": {"name": "passthrough"}, "train": {"patch_size": [16, 16, 8]}}
     if refine is not None:
         raw["refine"] = refine
+    if inference is not None:
+        raw["inference"] = inference
     cfg = PipelineConfig.model_validate(raw)
     return save_bundle(tmp_path / "bundle", cfg, spec, build_network(cfg, spec))
 
@@ -93,7 +96,7 @@ def test_postprocessing_stored_in_the_bundle_is_applied(tmp_path: Path) -> None:
     assert np.array_equal(off.labels, vol)
 
 
-def test_crf_runs_in_full_and_bounded_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crf_runs_in_full_and_bounded_mode(tmp_path: Path) -> None:
     src, vol = _scan(tmp_path)
     crf = {"iterations": 2, "roi_margin_mm": 4.0, "spatial_weight": 1.0, "bilateral_weight": 1.0}
     refine = {"crf": crf, "postprocess": {"choose": False}}
@@ -112,13 +115,13 @@ def test_crf_runs_in_full_and_bounded_mode(tmp_path: Path, monkeypatch: pytest.M
     # probabilities, 0.58 for the true label, let it change some)
     assert full.refine.crf_changed_fraction == pytest.approx((full.labels != plain.labels).mean())
     assert full.quality["foreground_entropy"] > 0.0
-    original = TilingSettings.from_config.__func__  # type: ignore[attr-defined]
-    monkeypatch.setattr(
-        TilingSettings,
-        "from_config",
-        classmethod(lambda cls, inf, win, **kw: original(cls, inf, win, memory="bounded", **kw)),
+    # bounded memory, as a pipeline config chooses it
+    bounded_bundle = _bundle(
+        tmp_path / "bounded", refine, target_spacing=[1.0, 1.0, 1.5], inference={"memory": "bounded"}
     )
-    bounded = predictor.predict_path(src)
+    bounded = Predictor.from_path(bounded_bundle).predict_path(src)
+    plan = next(r for r in bounded.provenance if r.name == "plan")
+    assert plan.params["crf"] == "preprocessed_grid"
     assert bounded.labels.shape == vol.shape
     assert bounded.refine is not None
     assert bounded.refine.crf_blocks >= 1
@@ -137,17 +140,19 @@ def test_foreground_entropy() -> None:
 
 
 def test_batch_records_what_refinement_changed(tmp_path: Path) -> None:
-    from medseg.batch.runner import run_prediction
+    from medseg.batch.runner import PredictionSettings, run_prediction
 
     src, _ = _scan(tmp_path)
     bundle = _bundle(tmp_path, {"postprocess": {"choose": False, "labels": {1: {"keep_largest": True}}}})
-    summary = run_prediction(src, tmp_path / "out", [bundle])
+    summary = run_prediction(src, tmp_path / "out", models=[bundle])
     assert summary.ok == 1
     entry = json.loads((tmp_path / "out" / "manifest.json").read_text())["scans"][0]
     assert entry["refine"]["post_changed_fraction"] > 0
     assert "foreground_entropy" in entry["quality"]
     csv_text = (tmp_path / "out" / "manifest.csv").read_text()
     assert "changed_fraction" in csv_text.splitlines()[0]
-    summary = run_prediction(src, tmp_path / "out2", [bundle], postprocess=False)
+    summary = run_prediction(
+        src, tmp_path / "out2", models=[bundle], settings=PredictionSettings(postprocess=False)
+    )
     entry = json.loads((tmp_path / "out2" / "manifest.json").read_text())["scans"][0]
     assert "refine" not in entry

@@ -13,13 +13,21 @@ import os
 import shutil
 import time
 import traceback
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medseg.labelmap import LABEL_FILE
+from medseg.predict.records import Fact, StageRecord
 from medseg.sources.folder import Scan
+
+if TYPE_CHECKING:
+    from monai.data import MetaTensor
+
+    from medseg.predict.records import Prediction
+    from medseg.refine import RefineReport
+    from medseg.sources import SegmentationModel
 
 PROBABILITY_FILE = "probabilities.nii.gz"
 RESULT_FILE = "result.json"
@@ -63,6 +71,79 @@ class ScanJob:
     exports: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class JobDetails:
+    """What a job found out about its scan (``details`` in ``result.json``).
+
+    Attributes:
+        shape: The label map's shape (on the scan's grid).
+        voxels_per_label: Voxels of each label present.
+        refine: What refinement changed, if it ran.
+        quality: Facts for review (``foreground_entropy``).
+        provenance: The prediction stages' records (see :mod:`medseg.predict.records`).
+        traceback: The end of the traceback of a failed job.
+    """
+
+    shape: tuple[int, ...] = ()
+    voxels_per_label: Mapping[int, int] = field(default_factory=dict)
+    refine: RefineReport | None = None
+    quality: Mapping[str, float] = field(default_factory=dict)
+    provenance: tuple[StageRecord, ...] = ()
+    traceback: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest keeps of it: ``refine`` and ``quality``, where present."""
+        out: dict[str, Any] = {}
+        if self.refine is not None:
+            out["refine"] = self.refine.as_dict()
+        if self.quality:
+            out["quality"] = dict(self.quality)
+        return out
+
+    def provenance_dict(self) -> dict[str, Fact]:
+        """The provenance as JSON-ready values."""
+        return {"stages": [r.as_dict() for r in self.provenance]}
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, with only the fields that are set."""
+        out: dict[str, Any] = {}
+        if self.shape:
+            out["shape"] = list(self.shape)
+            out["voxels_per_label"] = {int(k): int(v) for k, v in self.voxels_per_label.items()}
+        out.update(self.summary())
+        if self.provenance:
+            out["provenance"] = self.provenance_dict()["stages"]
+        if self.traceback is not None:
+            out["traceback"] = self.traceback
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobDetails:
+        """Read back what :meth:`as_dict` wrote (``result.json`` of an earlier run)."""
+        from medseg.refine import RefineReport
+
+        refine = None
+        if data.get("refine") is not None:
+            values = dict(data["refine"])
+            roi = values.get("crf_roi")
+            values["crf_roi"] = tuple(tuple(r) for r in roi) if roi is not None else None
+            refine = RefineReport(**values)
+        stages = tuple(
+            StageRecord(
+                r["name"], r["seconds"], r.get("params", {}), r.get("changed", {}), r.get("timings", {})
+            )
+            for r in data.get("provenance", ())
+        )
+        return cls(
+            shape=tuple(data.get("shape", ())),
+            voxels_per_label={int(k): int(v) for k, v in data.get("voxels_per_label", {}).items()},
+            refine=refine,
+            quality=dict(data.get("quality", {})),
+            provenance=stages,
+            traceback=data.get("traceback"),
+        )
+
+
 @dataclass
 class JobResult:
     """The outcome of one job (also ``OUT/<case_id>/result.json`` when it succeeded)."""
@@ -74,11 +155,27 @@ class JobResult:
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
+    details: JobDetails = field(default_factory=JobDetails)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return asdict(self)
+        return {
+            "case_id": self.case_id,
+            "status": self.status,
+            "fingerprint": self.fingerprint,
+            "model_sha256": self.model_sha256,
+            "outputs": list(self.outputs),
+            "error": self.error,
+            "seconds": dict(self.seconds),
+            "details": self.details.as_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobResult:
+        """Read back what :meth:`to_dict` wrote."""
+        values = dict(data)
+        values["details"] = JobDetails.from_dict(values.get("details", {}))
+        return cls(**values)
 
 
 def case_dir(out_root: Path, case_id: str) -> Path:
@@ -99,7 +196,7 @@ def completed(out_root: Path, job: ScanJob) -> JobResult | None:
         return None
     if not all((out_root / p).is_file() for p in data.get("outputs", [])):
         return None
-    return JobResult(**data)
+    return JobResult.from_dict(data)
 
 
 def describe_error(exc: BaseException, scan: Scan) -> str:
@@ -129,26 +226,26 @@ class Segmented:
 
     job: ScanJob
     result: JobResult
-    image: Any = None
-    prediction: Any = None
-    predictor: Any = None
+    image: MetaTensor | None = None
+    prediction: Prediction | None = None
+    predictor: SegmentationModel | None = None
     started: float = 0.0
 
 
 def _fail(result: JobResult, exc: BaseException, scan: Scan, started: float) -> JobResult:
     result.status = "failed"
     result.error = describe_error(exc, scan)
-    result.details = {"traceback": traceback.format_exc(limit=3)[-2000:]}
+    result.details = JobDetails(traceback=traceback.format_exc(limit=3)[-2000:])
     result.seconds["total"] = time.perf_counter() - started
     return result
 
 
-def segment_scan(job: ScanJob, predictor: Any, *, image: Any = None) -> Segmented:
+def segment_scan(job: ScanJob, predictor: SegmentationModel, *, image: Any = None) -> Segmented:
     """Load (unless given) and segment one scan in memory; never raises for a bad scan.
 
     Args:
         job: The job.
-        predictor: A loaded :class:`~medseg.pipeline.Predictor`.
+        predictor: A loaded model (any :class:`~medseg.sources.SegmentationModel`).
         image: The scan already loaded (by a prefetching thread; an exception if that failed), or
             ``None`` to load it here.
 
@@ -220,15 +317,13 @@ def write_outputs(segmented: Segmented, out_root: Path) -> JobResult:
         result.status = "ok"
         result.outputs = [str(Path(case_id) / p.relative_to(tmp)) for p in written]
         counts = np.bincount(np.asarray(prediction.labels).ravel())
-        result.details = {
-            "shape": list(prediction.labels.shape),
-            "voxels_per_label": {int(v): int(n) for v, n in enumerate(counts) if n},
-        }
-        refined = getattr(prediction, "refine", None)
-        if refined is not None:
-            result.details["refine"] = refined.as_dict()
-        if getattr(prediction, "quality", None):
-            result.details["quality"] = dict(prediction.quality)
+        result.details = JobDetails(
+            shape=tuple(prediction.labels.shape),
+            voxels_per_label={int(v): int(n) for v, n in enumerate(counts) if n},
+            refine=prediction.refine,
+            quality=dict(prediction.quality),
+            provenance=prediction.provenance,
+        )
         result.seconds["total"] = time.perf_counter() - segmented.started
         (tmp / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
         if final.exists():
@@ -242,9 +337,9 @@ def write_outputs(segmented: Segmented, out_root: Path) -> JobResult:
 
 def run_job(
     job: ScanJob,
-    predictor: Any,
-    out_root: Path,
+    predictor: SegmentationModel,
     *,
+    out_root: Path,
     image: Any = None,
 ) -> JobResult:
     """Segment one scan into ``out_root/<case_id>/``; never raises for a bad scan.

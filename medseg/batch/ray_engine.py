@@ -32,13 +32,27 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from medseg.batch.job import TMP_PREFIX, JobResult, ScanJob, describe_error, run_job
 from medseg.errors import ConfigError, optional_import
+from medseg.sources.scans import FolderSource
+
+if TYPE_CHECKING:
+    from medseg.sources import ScanSource, SegmentationModel
+
+
+@runtime_checkable
+class Movable(Protocol):
+    """A model that can move its networks to a worker's device."""
+
+    def to(self, device: str) -> Movable:
+        """The model on ``device``."""
+        ...
+
 
 WORKER_PREFIX = "medseg-scan-worker"
 _IN_FLIGHT = 1  # jobs per actor: an actor runs one at a time, and a second would wait there idle at the end
@@ -89,16 +103,20 @@ class ScanWorker:
         threads: torch CPU threads.
     """
 
-    def __init__(self, predictor: Any, device: str, threads: int) -> None:
-        if not hasattr(predictor, "bundles"):
-            msg = f"predictor must be a medseg Predictor, got {type(predictor).__name__}"
-            raise TypeError(msg)
+    def __init__(self, predictor: SegmentationModel, device: str, threads: int) -> None:
         import torch
 
+        from medseg.sources import SegmentationModel
+
+        if not isinstance(predictor, SegmentationModel):
+            msg = (
+                "predictor must be a segmentation model (spec, sha256, predict, describe), "
+                f"got {type(predictor).__name__}"
+            )
+            raise TypeError(msg)
         torch.set_num_threads(max(1, threads))
-        predictor.device = torch.device(device)
-        for bundle in predictor.bundles:
-            bundle.network.to(predictor.device).eval()
+        if isinstance(predictor, Movable):
+            predictor.to(device)  # the networks move in place
         self.predictor = predictor
 
     def ready(self) -> int:
@@ -107,7 +125,7 @@ class ScanWorker:
 
     def run(self, job: ScanJob, out_root: str) -> JobResult:
         """Run one job (see :func:`~medseg.batch.job.run_job`)."""
-        return run_job(job, self.predictor, Path(out_root))
+        return run_job(job, self.predictor, out_root=Path(out_root))
 
 
 def _absolute(job: ScanJob) -> ScanJob:
@@ -136,6 +154,9 @@ class RayEngine:
         predictor: The loaded :class:`~medseg.pipeline.Predictor`, as the local engine would run it.
         device: Where the workers run the network (``cpu`` or ``cuda``).
         settings: Cluster address and pool size.
+        source: Where the scans come from; each is held fetched (by this process, so its files must
+            be readable by the workers: this machine, or a shared file system) while a worker runs
+            its job.
 
     Attributes:
         workers: Actors in the pool (known once :meth:`results` has started).
@@ -145,9 +166,17 @@ class RayEngine:
             the model (the pool's start-up cost).
     """
 
-    def __init__(self, predictor: Any, *, device: str = "cpu", settings: RaySettings | None = None) -> None:
+    def __init__(
+        self,
+        predictor: SegmentationModel,
+        *,
+        device: str = "cpu",
+        settings: RaySettings | None = None,
+        source: ScanSource | None = None,
+    ) -> None:
         self.ray = optional_import("ray", "the Ray batch engine", "distributed")
         self.predictor = predictor
+        self.source: ScanSource = source or FolderSource(".")
         self.device = device
         self.settings = settings or RaySettings()
         self.workers = 0
@@ -206,7 +235,9 @@ class RayEngine:
 
     # --- the run -------------------------------------------------------------------------------------
 
-    def results(self, jobs: Sequence[ScanJob], out_root: Path) -> Iterator[tuple[ScanJob, JobResult]]:
+    def results(
+        self, jobs: Sequence[ScanJob], out_root: Path
+    ) -> Generator[tuple[ScanJob, JobResult], None, None]:
         """Run every job; yield ``(job, result)`` as each finishes (exactly once per job).
 
         Args:
@@ -229,7 +260,7 @@ class RayEngine:
         queue: collections.deque[tuple[ScanJob, int]] = collections.deque((j, 1) for j in jobs)
         slots = [_Slot(i) for i in range(self._pool_size(len(jobs)))]
         self.workers = len(slots)
-        in_flight: dict[Any, tuple[_Slot, int, ScanJob, int]] = {}
+        in_flight: dict[Any, tuple[_Slot, int, ScanJob, int, contextlib.ExitStack]] = {}
         starting: dict[Any, _Slot] = {}
         start_error: Exception | None = None
         finished = False
@@ -253,7 +284,7 @@ class RayEngine:
                         self.start_seconds = time.perf_counter() - t0
                     self._fill(slot, queue, in_flight, out)
                     continue
-                slot, generation, job, attempt = in_flight.pop(ref)
+                slot, generation, job, attempt, held = in_flight.pop(ref)
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # raised inside run(): not the scan's fault
@@ -272,6 +303,8 @@ class RayEngine:
                         continue
                     result = JobResult(job.scan.case_id, "failed", job.fingerprint, job.model_sha256)
                     result.error = f"the worker died {attempt} times segmenting this scan ({_last_line(exc)})"
+                finally:
+                    held.close()
                 if slot.generation == generation:  # (a replaced slot started afresh)
                     slot.in_flight -= 1
                 self._refill(slots, queue, in_flight, out)  # before the runner's bookkeeping
@@ -280,6 +313,8 @@ class RayEngine:
                 self._no_worker_left(start_error)
             finished = True
         finally:
+            for *_, held in in_flight.values():
+                held.close()
             for slot in slots:
                 self._stop(slot)
             if finished:  # folders of jobs cut short by dead workers; no worker writes any more
@@ -293,8 +328,13 @@ class RayEngine:
     def _fill(self, slot: _Slot, queue: collections.deque, in_flight: dict, out: str) -> None:
         while queue and slot.actor is not None and slot.ready is None and slot.in_flight < _IN_FLIGHT:
             job, attempt = queue.popleft()
-            ref = slot.actor.run.remote(_absolute(job), out)
-            in_flight[ref] = (slot, slot.generation, job, attempt)
+            held = contextlib.ExitStack()
+            try:  # the worker reads the fetched scan's files; the manifest keeps the job's scan
+                fetched = replace(job, scan=held.enter_context(self.source.fetch(job.scan)))
+            except Exception:  # the worker's load then fails and records it
+                fetched = job
+            ref = slot.actor.run.remote(_absolute(fetched), out)
+            in_flight[ref] = (slot, slot.generation, job, attempt, held)
             slot.in_flight += 1
 
     def _refill(self, slots: list[_Slot], queue: collections.deque, in_flight: dict, out: str) -> None:

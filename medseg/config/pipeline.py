@@ -8,10 +8,19 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    Field,
+    FiniteFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medseg.config.base import Axes3, FrozenModel, distinct_axes, dump_yaml, read_yaml, validate
 from medseg.config.refine import RefineConfig
@@ -122,28 +131,77 @@ class TrainConfig(FrozenModel):
 
 
 class InferenceConfig(FrozenModel):
-    """Sliding-window inference settings.
+    """Sliding-window inference settings: the one schema of the tiling settings.
+
+    :class:`~medseg.tiling.TilingSettings` (the tiling engine's value, with a concrete window size)
+    is checked against this model too (:func:`check_tiling`), so every rule lives here.
 
     Attributes:
         patch_size: Window size (defaults to the training patch size).
-        overlap: Fraction of overlap between neighbouring windows.
+        overlap: Fraction of overlap between neighbouring windows, ``0 <= overlap < 1``.
         batch_size: Windows per forward pass.
-        blend: Weighting of overlapping windows.
+        blend: Weighting of overlapping windows (``gaussian`` or ``constant``).
+        sigma_scale: Gaussian sigma as a fraction of the window size.
         tta_axes: Test-time augmentation by mirroring (as nnU-Net): every combination of flips along
             these spatial axes of the preprocessed grid is run (``2 ** len(tta_axes)`` passes) and the
             predictions averaged. Empty: none.
+        memory: ``full`` (whole-volume accumulation buffers), ``bounded`` (slab by slab, for volumes
+            larger than memory) or ``auto`` (bounded above ``memory_limit_mb``).
+        memory_limit_mb: Size of the full float32 accumulation buffer above which ``auto`` bounds.
+        placement: ``even`` (nnU-Net's evenly spread windows) or ``monai`` (MONAI's grid).
+        slice_axis: For a 2D network on volumes, the axis it runs along.
+        context: For a 2D network on volumes, neighbouring slices per side given as channels (2.5D).
+        pad_value: Value of the padding added where the volume is smaller than a window.
+        memory_format: ``contiguous``, ``channels_last`` or ``auto`` (the network's preference).
+        stitch_threads: Intra-op threads for cutting windows and stitching; ``0``: chosen by a probe.
+
+    Examples:
+        >>> InferenceConfig.model_validate({"memory": "bounded"}).memory
+        'bounded'
+        >>> check_tiling({"overlap": 1.5})
+        Traceback (most recent call last):
+        ...
+        ValueError: overlap must be less than 1, got 1.5
     """
 
     patch_size: Size3 | None = None
     overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
     batch_size: PositiveInt = 4
     blend: Literal["gaussian", "constant"] = "gaussian"
+    sigma_scale: PositiveFloat = 0.125
     tta_axes: Axes3 = ()
+    memory: Literal["auto", "full", "bounded"] = "auto"
+    memory_limit_mb: PositiveFloat = 1024.0
+    placement: Literal["even", "monai"] = "even"
+    slice_axis: Literal[0, 1, 2] = 2
+    context: Annotated[int, Field(ge=0)] = 0
+    pad_value: FiniteFloat = 0.0
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
+    stitch_threads: Annotated[int, Field(ge=0)] = 0
 
     @field_validator("tta_axes")
     @classmethod
     def _distinct_axes(cls, axes: tuple[int, ...]) -> tuple[int, ...]:
         return distinct_axes("tta_axes", axes)
+
+
+def check_tiling(values: Mapping[str, Any]) -> None:
+    """Check tiling settings by the rules of :class:`InferenceConfig` (absent fields: defaults).
+
+    Raises:
+        ValueError: Naming the first invalid field: "``field`` must be ..., got ...".
+    """
+    try:
+        InferenceConfig.model_validate(dict(values))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(part) for part in err["loc"] if not isinstance(part, int)) or "settings"
+        text = str(err["msg"])
+        if text.startswith("Value error, "):  # our own validators word the whole message
+            raise ValueError(text.removeprefix("Value error, ")) from None
+        want = text.removeprefix("Input should be ").removeprefix("input should be ")
+        msg = f"{field} must be {want}, got {err.get('input')!r}"
+        raise ValueError(msg) from None
 
 
 class PipelineConfig(FrozenModel):

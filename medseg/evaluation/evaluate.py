@@ -31,10 +31,10 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from medseg.evaluation.metrics import (
 from medseg.evaluation.summary import Stat, rows_from_scores, summarise
 from medseg.geometry import spacing_from_affine, voxel_volume_ml
 from medseg.io.load import GRID_ATOL_MM
+
+if TYPE_CHECKING:
+    from medseg.sources import SegmentationModel
 
 
 @dataclass
@@ -234,6 +237,38 @@ def evaluate_folder(
     return ev
 
 
+@dataclass(frozen=True)
+class _TrainedOn:
+    """What a model says about its training, for case selection and the evaluation's parameters."""
+
+    folds: list[str]
+    split_dirs: list[Path]
+    n_folds: int = 5
+    seed: int = 0
+    model_name: str = ""
+    pipeline: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _trained_on(model: SegmentationModel) -> _TrainedOn:
+    """Folds, splits and seed of a medseg model's bundles; for other models, what they describe."""
+    from medseg.pipeline import Predictor
+
+    if not isinstance(model, Predictor):
+        described = model.describe()
+        return _TrainedOn([], [], model_name=described.params.get("model", described.kind))
+    first = model.bundles[0]
+    return _TrainedOn(
+        folds=sorted({str(b.info["fold"]) for b in model.bundles if b.info.get("fold") is not None}),
+        split_dirs=[Path(str(b.info.get("path", "."))).parent for b in model.bundles],
+        n_folds=first.pipeline.train.folds,
+        seed=first.pipeline.train.seed,
+        model_name=first.pipeline.model.name,
+        pipeline=first.pipeline.name,
+        params={"refine": model.refine.model_dump(mode="json")},
+    )
+
+
 def evaluate_model(
     loaded: LoadedSpec,
     models: Sequence[str | Path],
@@ -270,42 +305,39 @@ def evaluate_model(
             another fold than ``fold``, or a bad case selection.
     """
     from medseg.io import load_case, write_label_map
-    from medseg.pipeline import Predictor
+    from medseg.sources import load_model
 
     say = echo or (lambda _msg: None)
     _check_tolerance(tolerance_mm)
-    predictor = Predictor.from_path(*models, device=device)
-    predictor.refine = predictor.refine.switched(crf=crf, postprocess=postprocess)
+    switches = {k: v for k, v in {"crf": crf, "postprocess": postprocess}.items() if v is not None}
+    predictor = load_model(list(models), device=device, options=switches)
     if predictor.spec.labels != loaded.spec.labels:
         msg = f"model labels must match the spec's {loaded.spec.labels}, got {predictor.spec.labels}"
         raise ConfigError(msg)
-    first = predictor.bundles[0]
-    if fold is not None:
-        trained = sorted({str(b.info["fold"]) for b in predictor.bundles if b.info.get("fold") is not None})
-        if trained and trained != [str(fold)]:
-            msg = f"fold must be the fold the model was trained on ({', '.join(trained)}), got {fold}"
-            raise ConfigError(msg)
-    split_dirs = [Path(str(b.info.get("path", "."))).parent for b in predictor.bundles]
+    trained = _trained_on(predictor)
+    if fold is not None and trained.folds and trained.folds != [str(fold)]:
+        msg = f"fold must be the fold the model was trained on ({', '.join(trained.folds)}), got {fold}"
+        raise ConfigError(msg)
     selected = select_cases(
         loaded,
         cases,
         fold,
-        folds=first.pipeline.train.folds,
-        seed=first.pipeline.train.seed,
-        split_dirs=split_dirs,
+        folds=trained.n_folds,
+        seed=trained.seed,
+        split_dirs=trained.split_dirs,
     )
     labels = foreground_labels(loaded.spec)
     ev = Evaluation(loaded.spec.name, labels, tolerance_mm)
     ev.params = {
         "mode": "model",
         "models": [str(m) for m in models],
-        "model_sha256": [b.sha256 for b in predictor.bundles],
-        "model_name": first.pipeline.model.name,
-        "pipeline": first.pipeline.name,
+        "model_sha256": predictor.sha256.split("+"),
+        "model_name": trained.model_name,
+        "pipeline": trained.pipeline,
         "fold": fold,
         "n_selected": len(selected),
         "device": device,
-        "refine": predictor.refine.model_dump(mode="json"),
+        **trained.params,
     }
     for i, case in enumerate(selected, 1):
         if case.label is None:

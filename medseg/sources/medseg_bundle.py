@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from medseg.errors import ConfigError
 from medseg.sources.models import DEFAULT_SCHEME, register_model_source
+
+OPTIONS = ("crf", "postprocess", "refine")
+"""What ``options`` may set: ``crf`` / ``postprocess`` switch refinement on or off (``None``: as the
+bundle says); ``refine`` replaces the bundle's refinement settings (a ``RefineConfig``)."""
 
 
 @register_model_source(DEFAULT_SCHEME)
@@ -15,11 +20,19 @@ def load_medseg_bundles(locations: Sequence[str], *, device: str = "cpu", option
     Args:
         locations: Bundle folders or MLflow URIs.
         device: Where the network runs.
-        options: Unused; medseg bundles carry their settings.
+        options: See :data:`OPTIONS`.
 
     Returns:
         The :class:`~medseg.pipeline.Predictor`.
+
+    Raises:
+        ConfigError: An option this source does not know.
     """
     from medseg.pipeline import Predictor
 
-    return Predictor.from_path(*locations, device=device)
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        msg = f"medseg model options must be among {list(OPTIONS)}, got {unknown}"
+        raise ConfigError(msg)
+    predictor = Predictor.load_bundles(*locations, device=device, refine=options.get("refine"))
+    return predictor.switched(crf=options.get("crf"), postprocess=options.get("postprocess"))

@@ -13,18 +13,37 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
+if TYPE_CHECKING:
+    from medseg.config.pipeline import InferenceConfig
+
 from medseg.errors import InputError
-from medseg.tiling.plan import PLACEMENTS, PatchPlan, Placement, network_divisors, plan_patches
-from medseg.tiling.weights import BLENDS, Blend
+from medseg.tiling.plan import PatchPlan, Placement, network_divisors, plan_patches
+from medseg.tiling.weights import Blend
 
 MemoryMode = Literal["auto", "full", "bounded"]
 MEMORY_MODES = ("auto", "full", "bounded")
 MemoryFormat = Literal["auto", "contiguous", "channels_last"]
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+TILING_FIELDS = (
+    "overlap",
+    "blend",
+    "sigma_scale",
+    "batch_size",
+    "tta_axes",
+    "memory",
+    "memory_limit_mb",
+    "placement",
+    "slice_axis",
+    "context",
+    "pad_value",
+    "memory_format",
+    "stitch_threads",
+)
+"""The settings a pipeline config's ``inference`` section holds (all but the window size)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +74,8 @@ class TilingSettings:
             scheduler has put aside); ``docs/benchmarks.md`` has the ratios.
 
     Raises:
-        ValueError: Naming the first invalid field.
+        ValueError: Naming the first invalid field (the rules are
+            :class:`~medseg.config.pipeline.InferenceConfig`'s).
     """
 
     patch_size: tuple[int, ...]
@@ -76,45 +96,28 @@ class TilingSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
         object.__setattr__(self, "tta_axes", tuple(int(a) for a in self.tta_axes))
-        checks = [
-            (len(self.patch_size) in (2, 3) and min(self.patch_size) >= 1, "patch_size", "2 or 3 sizes >= 1"),
-            (0.0 <= self.overlap < 1.0, "overlap", ">= 0 and < 1"),
-            (self.blend in BLENDS, "blend", f"one of {BLENDS}"),
-            (self.sigma_scale > 0, "sigma_scale", "> 0"),
-            (self.batch_size >= 1, "batch_size", ">= 1"),
-            (
-                len(set(self.tta_axes)) == len(self.tta_axes) and all(0 <= a < 3 for a in self.tta_axes),
-                "tta_axes",
-                "distinct spatial axes 0-2",
-            ),
-            (self.memory in MEMORY_MODES, "memory", f"one of {MEMORY_MODES}"),
-            (self.memory_limit_mb > 0, "memory_limit_mb", "> 0"),
-            (self.placement in PLACEMENTS, "placement", f"one of {PLACEMENTS}"),
-            (self.slice_axis in (0, 1, 2), "slice_axis", "0, 1 or 2"),
-            (self.context >= 0, "context", ">= 0"),
-            (math.isfinite(self.pad_value), "pad_value", "finite"),
-            (self.memory_format in MEMORY_FORMATS, "memory_format", f"one of {MEMORY_FORMATS}"),
-            (self.stitch_threads >= 0, "stitch_threads", ">= 0"),
-        ]
-        for ok, name, want in checks:
-            if not ok:
-                msg = f"{name} must be {want}, got {getattr(self, name)!r}"
-                raise ValueError(msg)
+        if not (len(self.patch_size) in (2, 3) and min(self.patch_size) >= 1):
+            msg = f"patch_size must be 2 or 3 sizes >= 1, got {self.patch_size!r}"
+            raise ValueError(msg)
+        from medseg.config.pipeline import check_tiling  # the one schema of these settings
+
+        check_tiling({name: getattr(self, name) for name in TILING_FIELDS})
 
     @classmethod
-    def from_config(cls, inference: Any, window: Sequence[int], **overrides: Any) -> TilingSettings:
-        """Settings from a pipeline config's ``inference`` section (fields it lacks keep their defaults).
+    def from_config(
+        cls, inference: InferenceConfig, window: Sequence[int], **overrides: Any
+    ) -> TilingSettings:
+        """Settings from a pipeline config's ``inference`` section.
 
         Args:
-            inference: A :class:`~medseg.config.pipeline.InferenceConfig` (or any object with its fields).
+            inference: The :class:`~medseg.config.pipeline.InferenceConfig`.
             window: The window size (``PipelineConfig.window``).
             **overrides: Fields to set explicitly.
 
         Returns:
             The settings.
         """
-        names = [f for f in cls.__dataclass_fields__ if f != "patch_size"]
-        values = {n: getattr(inference, n) for n in names if getattr(inference, n, None) is not None}
+        values = {name: getattr(inference, name) for name in TILING_FIELDS}
         values.update(overrides)
         return cls(patch_size=tuple(window), **values)
 

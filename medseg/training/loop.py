@@ -26,7 +26,7 @@ from medseg.training.postprocess_choice import choose_on_validation
 from medseg.training.precision import as_float32, autocast_dtype
 
 if TYPE_CHECKING:
-    from medseg.training.distributed import DistContext
+    from medseg.training.process_group import DistContext
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
@@ -72,11 +72,11 @@ def split_cases(cases: list[ResolvedCase], val_fraction: float, seed: int) -> tu
     return [cases[i] for i in train], [cases[i] for i in val]
 
 
-def training_progress(epoch: int, epochs: int, elapsed_min: float, max_minutes: float | None) -> float:
+def training_progress(epoch: int, epochs: int, *, elapsed_min: float, max_minutes: float | None) -> float:
     """Fraction of training done: by epochs, or by the time budget when that runs out first.
 
     Examples:
-        >>> training_progress(10, 100, 3.0, 4.0)
+        >>> training_progress(10, 100, elapsed_min=3.0, max_minutes=4.0)
         0.75
     """
     done = epoch / epochs
@@ -86,13 +86,20 @@ def training_progress(epoch: int, epochs: int, elapsed_min: float, max_minutes: 
 
 
 def set_lr(
-    opt: torch.optim.Optimizer, base_lr: float, progress: float, schedule: str = "cosine", floor: float = 0.01
+    opt: torch.optim.Optimizer,
+    base_lr: float,
+    *,
+    progress: float,
+    schedule: str = "cosine",
+    floor: float = 0.01,
 ) -> float:
     """Set the learning rate for the given training progress (cosine or poly decay); returns it.
 
     Examples:
         >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        >>> round(set_lr(opt, 1.0, 0.5, "cosine"), 3), round(set_lr(opt, 1.0, 0.5, "poly"), 3)
+        >>> cos = set_lr(opt, 1.0, progress=0.5, schedule="cosine")
+        >>> poly = set_lr(opt, 1.0, progress=0.5, schedule="poly")
+        >>> round(cos, 3), round(poly, 3)
         (0.505, 0.536)
     """
     if schedule == "poly":
@@ -105,7 +112,7 @@ def set_lr(
 
 
 def validate_model(
-    network: torch.nn.Module, volumes: list[dict[str, Any]], cfg: PipelineConfig, labels: list[int]
+    network: torch.nn.Module, volumes: list[dict[str, Any]], *, cfg: PipelineConfig, labels: list[int]
 ) -> dict[int, float]:
     """Mean Dice per foreground label over whole preprocessed validation volumes (tiled inference)."""
     network.eval()
@@ -321,8 +328,8 @@ def train(
             t0 = time.perf_counter()
             elapsed_min = _minutes(start, distributed)
             budget = None if tcfg.deterministic else tcfg.max_minutes
-            done = training_progress(epoch - 1, tcfg.epochs, elapsed_min, budget)
-            lr = set_lr(opt, tcfg.learning_rate, done, tcfg.schedule)
+            done = training_progress(epoch - 1, tcfg.epochs, elapsed_min=elapsed_min, max_minutes=budget)
+            lr = set_lr(opt, tcfg.learning_rate, progress=done, schedule=tcfg.schedule)
             losses = []
             for batch in patches.epoch(epoch):
                 image, label = batch["image"].to(device), batch["label"].to(device)
@@ -346,7 +353,7 @@ def train(
             out_of_time = budget is not None and elapsed_min >= budget
             last = epoch == tcfg.epochs or out_of_time
             if val_volumes and (epoch % tcfg.val_every == 0 or last):
-                dice = validate_model(network, val_volumes, cfg, fg_labels)
+                dice = validate_model(network, val_volumes, cfg=cfg, labels=fg_labels)
                 mean = float(np.mean(list(dice.values())))
                 metrics.update({f"val_dice_{spec.label_names[v]}": d for v, d in dice.items()})
                 metrics["val_dice_mean"] = mean
