@@ -284,7 +284,7 @@ def predict(
     import torch
 
     from medseg.batch.ray_engine import RaySettings
-    from medseg.batch.runner import PredictionSettings, run_prediction
+    from medseg.batch.runner import Engine, PredictionSettings, run_prediction
     from medseg.errors import MedsegError
     from medseg.sources.folder import ScanFilter
 
@@ -311,7 +311,7 @@ def predict(
                 exports=_export_names(export),
                 show_patient_info=show_patient_info,
                 overwrite=overwrite,
-                engine=engine,
+                engine=Engine.parse(engine),
                 crf=crf,
                 postprocess=postprocess,
                 parallel_scans=parallel_scans,

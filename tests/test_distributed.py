@@ -60,7 +60,8 @@ def test_shards_are_equal_and_cover_every_case() -> None:
     assert [ctx.is_main for ctx in ranks] == [True, False, False]
     for seed in (0, 3):
         shards = [ctx.shard(cases, seed) for ctx in ranks]
-        assert [s[0] for s in shards] == [shard_cases(cases, rank=r, world_size=3, seed=seed) for r in range(3)]
+        expected = [shard_cases(cases, rank=r, world_size=3, seed=seed) for r in range(3)]
+        assert [s[0] for s in shards] == expected
         patch_seeds = [s[1] for s in shards]
         assert len(set(patch_seeds)) == 3  # each rank samples its own patches
         assert patch_seeds[0] == seed  # rank 0 samples as a single process with that seed would

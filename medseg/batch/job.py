@@ -259,7 +259,7 @@ def segment_scan(job: ScanJob, predictor: SegmentationModel, *, image: Any = Non
     try:
         if image is None:
             image = load_image(
-                list(job.scan.files) if job.scan.files else job.scan.path, **job.scan.load_kwargs
+                list(job.scan.files) if job.scan.files else job.scan.path, series_uid=job.scan.series_uid
             )
             result.seconds["load"] = time.perf_counter() - t0
         if isinstance(image, BaseException):  # the prefetching thread failed to load it

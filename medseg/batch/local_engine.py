@@ -58,7 +58,7 @@ def _load(scan: Scan) -> Any:
 
     _one_thread()
     try:
-        return load_image(list(scan.files) if scan.files else scan.path, **scan.load_kwargs)
+        return load_image(list(scan.files) if scan.files else scan.path, series_uid=scan.series_uid)
     except Exception as exc:  # handed to the job, which records it as this scan's failure
         return exc
 

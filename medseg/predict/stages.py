@@ -120,7 +120,7 @@ def _facts(values: dict[str, object]) -> dict[str, Fact]:
     out: dict[str, Fact] = {}
     for key, value in values.items():
         assert value is None or isinstance(value, (int, float, str, list, tuple))
-        out[key] = value  # type: ignore[assignment]
+        out[key] = value
     return out
 
 

@@ -1,4 +1,7 @@
-"""The built-in model source: medseg bundle folders and MLflow ``runs:/`` / ``models:/`` URIs."""
+"""The built-in model source: medseg bundle folders and MLflow ``runs:/`` / ``models:/`` URIs.
+
+:func:`medseg.sources.load_model` registers :func:`load_medseg_bundles` under the ``medseg`` scheme.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from medseg.errors import ConfigError
-from medseg.sources.models import DEFAULT_SCHEME, register_model_source
 
 OPTIONS = ("crf", "postprocess", "refine")
 """What ``options`` may set: ``crf`` / ``postprocess`` switch refinement on or off (``None``: as the
 bundle says); ``refine`` replaces the bundle's refinement settings (a ``RefineConfig``)."""
 
 
-@register_model_source(DEFAULT_SCHEME)
 def load_medseg_bundles(locations: Sequence[str], *, device: str = "cpu", options: Mapping[str, Any]) -> Any:
     """Load medseg bundles (several are an ensemble) into a :class:`~medseg.pipeline.Predictor`.
 

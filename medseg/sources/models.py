@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from monai.data.meta_tensor import MetaTensor
 
     from medseg.config.spec import DatasetSpec
-    from medseg.pipeline import Prediction
+    from medseg.predict.records import Prediction
 
 DEFAULT_SCHEME = "medseg"
 _MLFLOW_SCHEMES = ("runs", "models", "mlflow-artifacts")
@@ -142,6 +142,8 @@ def load_model(
 
 
 def _register_builtin_sources() -> None:
-    """Import the modules whose import registers the built-in sources."""
+    """Register the built-in model source (medseg bundles) unless a loader holds its scheme."""
     if DEFAULT_SCHEME not in MODEL_SOURCES:
-        import medseg.sources.medseg_bundle  # noqa: F401
+        from medseg.sources.medseg_bundle import load_medseg_bundles
+
+        MODEL_SOURCES[DEFAULT_SCHEME] = load_medseg_bundles
