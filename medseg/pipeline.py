@@ -32,14 +32,16 @@ from medseg.geometry import spacing_from_affine
 from medseg.io import load_image, write_label_map
 from medseg.predict import stages
 from medseg.predict.plan import ScanPlan, as_label_dtype, plan_scan
-from medseg.predict.records import Prediction, Preprocessed, StageRecord, seconds_by_stage
+from medseg.predict.records import ModelDescription, Prediction, Preprocessed, StageRecord, seconds_by_stage
 from medseg.predict.stages import foreground_entropy
 from medseg.preprocess import build_preprocess
 from medseg.preprocess.intensity import NormalizeChannelsd
 from medseg.refine import RefineConfig, RefineReport
-from medseg.sources.models import ModelDescription, SegmentationModel
 
 __all__ = ["Prediction", "Predictor", "foreground_entropy"]
+
+MEDSEG_SCHEME = "medseg"
+"""The scheme of medseg bundle references (``medseg:PATH``; see :mod:`medseg.sources.models`)."""
 
 
 class Predictor:
@@ -88,21 +90,22 @@ class Predictor:
     @classmethod
     def from_path(
         cls, *refs: str | Path, device: str | torch.device = "cpu", refine: RefineConfig | None = None
-    ) -> SegmentationModel:
-        """Load a model through its source (:func:`medseg.sources.load_model`).
+    ) -> Predictor:
+        """Load medseg bundles: folders, MLflow ``runs:/``/``models:/`` URIs or ``medseg:PATH``.
+
+        Other model sources' ``SCHEME:PATH`` references load with :func:`medseg.sources.load_model`
+        (which returns this class for medseg bundles).
 
         Args:
-            *refs: Bundle folders, MLflow URIs or ``scheme:PATH`` references (several: an ensemble).
+            *refs: The bundles (several: an ensemble).
             device: Where the network runs.
-            refine: Refinement settings replacing the bundle's (medseg bundles only).
+            refine: Refinement settings replacing the bundle's.
 
         Returns:
-            A :class:`Predictor` for medseg bundles; another source's model otherwise.
+            The predictor.
         """
-        from medseg.sources import load_model
-
-        options = {"refine": refine} if refine is not None else {}
-        return load_model(list(refs), device=str(device), options=options)
+        paths = [str(r).removeprefix(f"{MEDSEG_SCHEME}:") if isinstance(r, str) else r for r in refs]
+        return cls.load_bundles(*paths, device=device, refine=refine)
 
     def switched(self, *, crf: bool | None = None, postprocess: bool | None = None) -> Predictor:
         """This predictor with the CRF and the post-processing switched on or off (``None``: as is)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 import numpy as np
 from monai.data import MetaTensor
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
     from monai.transforms import Compose
 
+    from medseg.config.spec import DatasetSpec
     from medseg.refine import RefineReport
 
 Fact: TypeAlias = "str | int | float | bool | Sequence[Fact] | Mapping[str, Fact] | None"
@@ -130,3 +131,45 @@ class Preprocessed:
         image = self.sample["image"]
         assert isinstance(image, MetaTensor)
         return image
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a model is, for tracking and provenance.
+
+    Attributes:
+        kind: The model source's scheme (``medseg``, ``nnunet``, ...).
+        location: Where it was loaded from (folder or URI, as given).
+        sha256: A hash of its weights (``+``-joined for an ensemble); resume and the manifest key on it.
+        params: Other facts worth logging (configuration, folds, hashes of its plans), as strings.
+    """
+
+    kind: str
+    location: str
+    sha256: str
+    params: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class SegmentationModel(Protocol):
+    """A loaded model that segments scans on their own voxel grid.
+
+    Attributes:
+        spec: Its channels and labels (names and values), for exports and checks.
+        sha256: Identity of its weights.
+    """
+
+    spec: DatasetSpec
+
+    @property
+    def sha256(self) -> str:
+        """A hash of the weights (``+``-joined for an ensemble)."""
+        ...
+
+    def predict(self, image: MetaTensor, *, keep_probabilities: bool = False) -> Prediction:
+        """Segment one loaded ``(C, X, Y, Z)`` scan; labels on the scan's own grid."""
+        ...
+
+    def describe(self) -> ModelDescription:
+        """What the model is, for tracking."""
+        ...

@@ -19,63 +19,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any
 
 from medseg.errors import ConfigError, choice_error
-
-if TYPE_CHECKING:
-    from monai.data.meta_tensor import MetaTensor
-
-    from medseg.config.spec import DatasetSpec
-    from medseg.predict.records import Prediction
+from medseg.predict.records import ModelDescription as ModelDescription
+from medseg.predict.records import SegmentationModel as SegmentationModel
 
 DEFAULT_SCHEME = "medseg"
 _MLFLOW_SCHEMES = ("runs", "models", "mlflow-artifacts")
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):(?!//)(.+)$")
-
-
-@dataclass(frozen=True)
-class ModelDescription:
-    """What a model is, for tracking and provenance.
-
-    Attributes:
-        kind: The model source's scheme (``medseg``, ``nnunet``, ...).
-        location: Where it was loaded from (folder or URI, as given).
-        sha256: A hash of its weights (``+``-joined for an ensemble); resume and the manifest key on it.
-        params: Other facts worth logging (configuration, folds, hashes of its plans), as strings.
-    """
-
-    kind: str
-    location: str
-    sha256: str
-    params: Mapping[str, str] = field(default_factory=dict)
-
-
-@runtime_checkable
-class SegmentationModel(Protocol):
-    """A loaded model that segments scans on their own voxel grid.
-
-    Attributes:
-        spec: Its channels and labels (names and values), for exports and checks.
-        sha256: Identity of its weights.
-    """
-
-    spec: DatasetSpec
-
-    @property
-    def sha256(self) -> str:
-        """A hash of the weights (``+``-joined for an ensemble)."""
-        ...
-
-    def predict(self, image: MetaTensor, *, keep_probabilities: bool = False) -> Prediction:
-        """Segment one loaded ``(C, X, Y, Z)`` scan; labels on the scan's own grid."""
-        ...
-
-    def describe(self) -> ModelDescription:
-        """What the model is, for tracking."""
-        ...
 
 
 ModelLoader = Callable[..., SegmentationModel]
