@@ -215,7 +215,7 @@ def test_real_invalid_series_fail_with_their_reason(tmp_path: Path) -> None:
     root = tmp_path / "in"
     shutil.copytree(shared("dicom_bad"), root / "bad_real")  # a 2-slice series; mixed orientations
     write_nifti(_vol(1), _aff(10), root / "good.nii.gz")
-    summary = run_prediction(root, tmp_path / "out", [_bundle(tmp_path / "b")])
+    summary = run_prediction(root, tmp_path / "out", models=[_bundle(tmp_path / "b")])
     assert (summary.ok, summary.failed) == (1, 2)
     scans = json.loads((tmp_path / "out" / "manifest.json").read_text())["scans"]
     errors = {Path(e["inputs"][0]).parent.parent.name: e["error"] for e in scans if e["status"] == "failed"}
