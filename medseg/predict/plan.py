@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from monai.data import MetaTensor
+from monai.data.meta_tensor import MetaTensor
 
 from medseg.errors import GeometryError
 from medseg.labelmap import label_dtype

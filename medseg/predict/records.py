@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 import numpy as np
-from monai.data import MetaTensor
+from monai.data.meta_tensor import MetaTensor
 
 if TYPE_CHECKING:
     import torch
-    from monai.transforms import Compose
+    from monai.transforms.compose import Compose
 
     from medseg.config.spec import DatasetSpec
     from medseg.refine import RefineReport
