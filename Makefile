@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,dicom,rtstruct,plots,distributed,server]'
+	$(PY) -m pip install -q -e '.[dev,dicom,rtstruct,plots,distributed,server,pacs]'
 	$(MAKE) --no-print-directory check-torch
 	touch $(STAMP)
 

@@ -15,6 +15,22 @@ from typing import Annotated, Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
+from medseg.cli_watch import (
+    CaBundle,
+    CredentialsFile,
+    Queries,
+    RecordUids,
+    SeriesUids,
+    StoreCredentialsFile,
+    StoreTo,
+    Studies,
+    archive_options,
+    check_selection,
+    check_source,
+    export_names,
+    watch_command,
+)
+
 
 class Commands(TyperGroup):
     """medseg's subcommands, run under its one error policy.
@@ -212,7 +228,12 @@ def train(
 
 @app.command()
 def predict(
-    source: Annotated[Path, typer.Argument(help="A scan file, a DICOM series folder, or a folder of scans.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A scan file, a DICOM series folder, a folder of scans, or dicomweb:URL of an archive."
+        ),
+    ],
     out_dir: Annotated[
         Path, typer.Argument(help="Output folder: one sub-folder per scan, plus the manifest.")
     ],
@@ -276,6 +297,14 @@ def predict(
             help="Apply the post-processing chosen at training (default: on).",
         ),
     ] = None,
+    study: Studies = None,
+    series: SeriesUids = None,
+    query: Queries = None,
+    credentials: CredentialsFile = None,
+    ca_bundle: CaBundle = None,
+    store_to: StoreTo = None,
+    store_credentials: StoreCredentialsFile = None,
+    record_uids: RecordUids = False,
 ) -> None:
     """Segment scans; write each label map on its scan's own voxel grid, with a manifest.
 
@@ -286,12 +315,26 @@ def predict(
     from medseg.batch.ray_engine import RaySettings
     from medseg.batch.runner import Engine, PredictionSettings, run_prediction
     from medseg.errors import MedsegError
+    from medseg.sources.destinations import open_destination
     from medseg.sources.folder import ScanFilter
 
     if threads:
         torch.set_num_threads(threads)
-    if not source.exists() and not _has_scheme(str(source)):
-        _fail(f"input must exist, got missing {source}")
+    problem = check_source(source)
+    if problem:
+        _fail(problem)
+    options = archive_options(
+        study=study,
+        series=series,
+        query=query,
+        credentials=credentials,
+        store_credentials=store_credentials,
+        ca_bundle=ca_bundle,
+        record_uids=record_uids,
+    )
+    problem = check_selection(source, options)
+    if problem:
+        _fail(problem)
     scan_filter = ScanFilter(tuple(modality or ()), series_description, min_slices)
     if engine != "ray" and (address or workers):
         _fail(f"--address and --workers need --engine ray, got --engine {engine}")
@@ -300,6 +343,7 @@ def predict(
     except ValueError as exc:
         _fail(f"--{str(exc).replace('cpus_per_worker', 'threads')}")
     try:
+        destination = open_destination(store_to, options=options) if store_to else None
         summary = run_prediction(
             str(source),  # a path, or SCHEME:LOCATION of a scan source
             out_dir,
@@ -308,7 +352,7 @@ def predict(
                 device=device,
                 scan_filter=scan_filter,
                 keep_probabilities=probabilities,
-                exports=_export_names(export),
+                exports=export_names(export),
                 show_patient_info=show_patient_info,
                 overwrite=overwrite,
                 engine=Engine.parse(engine),
@@ -316,16 +360,20 @@ def predict(
                 postprocess=postprocess,
                 parallel_scans=parallel_scans,
                 ray=ray_settings,
+                source_options=options,
+                destination=destination,
             ),
             echo=typer.echo,
         )
     except MedsegError as exc:
         _fail(str(exc))
+    stored = f", {summary.store_failed} not stored to {store_to.split(':')[0]}" if store_to else ""
     typer.echo(
         f"{summary.ok} scan(s) segmented ({summary.reused} kept from an earlier run), "
-        f"{summary.failed} failed, {summary.skipped} file(s) skipped; manifest: {out_dir / 'manifest.json'}"
+        f"{summary.failed} failed, {summary.skipped} file(s) skipped{stored}; "
+        f"manifest: {out_dir / 'manifest.json'}"
     )
-    if summary.failed:
+    if summary.failed or summary.store_failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
@@ -559,36 +607,6 @@ def _group_table(grouped: Any) -> Any:
     return table
 
 
-def _has_scheme(text: str) -> bool:
-    """Whether ``text`` is ``SCHEME:LOCATION`` (a scan source; an unknown scheme is refused later)."""
-    import re
-
-    return re.match(r"^[a-z][a-z0-9+.-]*:", text) is not None
-
-
-def _export_names(text: str) -> list[str]:
-    """Export names from ``--export`` (``default``, ``none``, or a list); exits 2 for an unknown name.
-
-    ``default`` leaves out, with a note, exports whose optional dependency is not installed; a name
-    asked for explicitly fails instead.
-    """
-    from medseg.errors import MedsegError
-    from medseg.export import parse_exports
-    from medseg.export.registry import check_dependencies, missing_dependency
-
-    try:
-        names = list(parse_exports(text))
-        if text.strip().lower() == "default":  # the default skips what is not installed, saying so
-            for why in filter(None, map(missing_dependency, names)):
-                typer.echo(f"medseg: note: {why}; skipping it", err=True)
-            return [n for n in names if missing_dependency(n) is None]
-        check_dependencies(names)
-        return names
-    except MedsegError as exc:
-        _fail(str(exc))
-    return []
-
-
 @app.command("export")
 def export_command(
     out_dir: Annotated[
@@ -638,7 +656,7 @@ def export_command(
     if spec is not None and label_names is not None:
         _fail("give at most one of --spec and --label-names")
     try:
-        names = _export_names(export or ("dicom-seg,nifti" if convert else "default"))
+        names = export_names(export or ("dicom-seg,nifti" if convert else "default"))
         table = None
         if spec is not None:
             from medseg.export.labels import spec_label_table
@@ -685,6 +703,9 @@ def _one_line(exc: BaseException) -> str:
     else:
         text = str(exc) or type(exc).__name__
     return " ".join(text.split())
+
+
+app.command("watch")(watch_command)
 
 
 def main() -> None:

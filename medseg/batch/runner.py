@@ -39,6 +39,7 @@ from medseg.sources.folder import Discovery
 
 if TYPE_CHECKING:
     from medseg.sources import ScanSource, SegmentationModel
+    from medseg.sources.destinations import Destination
 
 __all__ = ["BatchSummary", "Engine", "PredictionSettings", "default_parallel_scans", "run_prediction"]
 
@@ -63,6 +64,7 @@ class BatchSummary:
         workers: Jobs that ran at once (the Ray actor pool's size; the local engine's parallel scans).
         retried: Jobs run again because their Ray worker died.
         start_seconds: Seconds until every Ray worker had loaded the model (0 for the local engine).
+        store_failed: Finished scans whose results the destination (``--store-to``) did not take.
     """
 
     ok: int = 0
@@ -77,6 +79,7 @@ class BatchSummary:
     workers: int = 1
     retried: int = 0
     start_seconds: float = 0.0
+    store_failed: int = 0
 
 
 def _entry(job: ScanJob, result: JobResult) -> dict[str, Any]:
@@ -162,6 +165,8 @@ def run_prediction(
     manifest, jobs, summary = _plan_jobs(found, out, model.sha256, cfg)
     manifest.save(out)
     with contextlib.ExitStack() as stack:
+        if isinstance(scans, contextlib.AbstractContextManager):  # e.g. private downloads to remove
+            stack.enter_context(scans)
         run = stack.enter_context(
             tracked_run(
                 "predict",
@@ -213,6 +218,7 @@ def _plan_jobs(
         if earlier is not None:
             manifest.entries[scan.case_id] = _entry(job, earlier)
             summary.reused += 1
+            summary.store_failed += _store(cfg.destination, out, manifest.entries[scan.case_id])
         else:
             manifest.entries[scan.case_id] = _entry(
                 job, JobResult(scan.case_id, "pending", fingerprint, model_sha)
@@ -292,6 +298,7 @@ def _follow(
     with contextlib.closing(results), _progress(total, show_bar) as advance:
         for i, (job, result) in enumerate(results):
             manifest.entries[job.scan.case_id] = _entry(job, result)
+            summary.store_failed += _store(cfg.destination, out, manifest.entries[job.scan.case_id])
             manifest.save(out)
             summary.model_seconds += result.seconds.get("network", 0.0)
             failed = sum(e["status"] == "failed" for e in manifest.entries.values())
@@ -301,6 +308,28 @@ def _follow(
             run.log_metrics({"scans_done": i + 1, "scans_failed": failed}, step=i + 1)
             if result.details.provenance:
                 run.log_dict(result.details.provenance_dict(), f"provenance/{job.scan.case_id}.json")
+
+
+def _store(destination: Destination | None, out: Path, entry: dict[str, Any]) -> int:
+    """Send a finished case to the destination, recording the answer in its entry; 1 if it failed.
+
+    A failed store is also the case's export error ``store-to-SCHEME`` in ``case.json`` (the review
+    page flags it) until a later run stores it.
+    """
+    from medseg.export.facts import read_case_facts, write_case_facts
+
+    if destination is None or entry["status"] != "ok":
+        return 0
+    case_dir = out / entry["case_id"]
+    entry["store"] = destination.store(case_dir)
+    error = entry["store"].get("error") if entry["store"]["status"] == "failed" else None
+    name = f"store-to-{destination.location.split(':')[0]}"
+    facts = read_case_facts(case_dir)  # none for a case segmented without exports
+    if facts is not None and error:
+        write_case_facts(facts, case_dir, exports=[], errors={name: str(error)})
+    elif facts is not None and name in facts.errors:
+        write_case_facts(facts, case_dir, exports=[name])
+    return int(error is not None)
 
 
 def _log_ray(ray_engine: Any, summary: BatchSummary, run: Any) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from medseg.batch.ray_engine import RaySettings
 from medseg.errors import ConfigError, choice_error
+from medseg.sources.destinations import Destination
 from medseg.sources.folder import ScanFilter
 
 
@@ -72,6 +73,8 @@ class PredictionSettings:
             (default: 2 on CPU with 2+ threads; on CPU at most one per thread). Needs ``prefetch``.
         model_options: Options for the model source (see :func:`medseg.sources.load_model`).
         source_options: Options for the scan source (see :func:`medseg.sources.open_scan_source`).
+        destination: Where each finished scan's DICOM results are sent, its answer recorded in the
+            manifest (see :func:`medseg.sources.destinations.open_destination`).
 
     Raises:
         ConfigError: An unknown engine or ``parallel_scans`` below 1.
@@ -94,6 +97,7 @@ class PredictionSettings:
     parallel_scans: int | None = None
     model_options: Mapping[str, Any] = field(default_factory=dict)
     source_options: Mapping[str, Any] = field(default_factory=dict)
+    destination: Destination | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "engine", Engine.parse(self.engine))

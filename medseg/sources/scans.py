@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ from medseg.sources.folder import Discovery, Scan, ScanFilter, discover
 
 FOLDER_SCHEME = "folder"
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):(.+)$")
+_BUILTIN = {"dicomweb": "medseg.sources.dicomweb"}  # sources imported when first named
 
 
 @runtime_checkable
@@ -104,6 +106,8 @@ def open_scan_source(source: str | Path, *, options: Mapping[str, Any] | None = 
     if isinstance(source, Path) or match is None or Path(text).exists():
         return FolderSource(text)
     scheme, location = match.group(1), match.group(2)
+    if scheme in _BUILTIN and scheme not in SCAN_SOURCES:
+        importlib.import_module(_BUILTIN[scheme])  # registers itself
     if scheme not in SCAN_SOURCES:
         raise ConfigError(choice_error("scan source", scheme, SCAN_SOURCES))
     return SCAN_SOURCES[scheme](location, options=dict(options or {}))
