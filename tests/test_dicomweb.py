@@ -242,6 +242,7 @@ def test_server_stopped_mid_batch_fails_the_rest_with_a_reason(
             bundle,
             echo=echo,
             source_options={"prefetch": 0},
+            prefetch=False,  # one series at a time: the others are not downloaded yet
         )
     assert summary.ok == 1
     assert summary.failed == 3
