@@ -256,6 +256,16 @@ class BundleRuntime:
         self.layouts: list[WindowLayout] | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (Ray workers) without the lock; a worker measures the layout unless it is known."""
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def tuned(self) -> list[Bundle]:
         """The bundles with their batch size and memory format chosen (measured on the first call)."""
         with self._lock:
