@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine_facts  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 from medseg.batch.runner import BatchSummary, PredictionSettings, run_prediction
 from medseg.bundle import build_network, save_bundle
@@ -130,10 +131,11 @@ def main() -> None:
 
             ray.shutdown()
     if args.engine == "local":
-        print(json.dumps({**results["local"], "shape": list(shape)}))
+        print(json.dumps({**results["local"], "shape": list(shape), **machine_facts()}))
         return
     ratio = results["ray"]["scans_per_hour"] / results["local"]["scans_per_hour"]
-    print(json.dumps({"shape": list(shape), **results, "ray_vs_local_throughput": round(ratio, 3)}))
+    out = {"shape": list(shape), **results, "ray_vs_local_throughput": round(ratio, 3), **machine_facts()}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
