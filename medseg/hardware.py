@@ -65,7 +65,7 @@ class CpuCapabilities:
 
 
 def _proc_cpuinfo(path: Path) -> tuple[str, set[str]]:
-    model, flags = "", set()
+    model, flags = "", set[str]()
     try:
         text = path.read_text()
     except OSError:

@@ -171,12 +171,10 @@ class LayoutCache:
             if not isinstance(entry, dict):
                 return None
             try:
-                layout = WindowLayout(
-                    int(entry["batch_size"]),
-                    str(entry["memory_format"]),
-                    "cached",
-                    entry.get("seconds_per_window"),
-                )
+                seconds = entry.get("seconds_per_window")
+                per_window = float(seconds) if isinstance(seconds, (int, float)) else None
+                size, fmt = int(str(entry["batch_size"])), str(entry["memory_format"])
+                layout = WindowLayout(size, fmt, "cached", per_window)
             except (KeyError, TypeError, ValueError):
                 return None
             self._memory[key] = layout
