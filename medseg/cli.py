@@ -276,6 +276,19 @@ def predict(
             help="Apply the post-processing chosen at training (default: on).",
         ),
     ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Network precision: auto, float32, bfloat16 or float16 (default: as the model says)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Windows per forward pass, pinned (default: measured once).")
+    ] = None,
+    memory_format: Annotated[
+        str | None,
+        typer.Option(help="Window layout, pinned: contiguous or channels_last (default: measured once)."),
+    ] = None,
 ) -> None:
     """Segment scans; write each label map on its scan's own voxel grid, with a manifest.
 
@@ -316,6 +329,7 @@ def predict(
                 postprocess=postprocess,
                 parallel_scans=parallel_scans,
                 ray=ray_settings,
+                model_options=_inference_options(precision, batch_size, memory_format),
             ),
             echo=typer.echo,
         )
@@ -379,6 +393,19 @@ def evaluate(
         bool | None,
         typer.Option("--postprocess/--no-postprocess", help="With --model: post-processing on or off."),
     ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Network precision: auto, float32, bfloat16 or float16 (default: as the model says)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Windows per forward pass, pinned (default: measured once).")
+    ] = None,
+    memory_format: Annotated[
+        str | None,
+        typer.Option(help="Window layout, pinned: contiguous or channels_last (default: measured once)."),
+    ] = None,
 ) -> None:
     """Score predictions (a folder, or a model run now) against a spec's labels; log an MLflow evaluate run.
 
@@ -411,6 +438,7 @@ def evaluate(
                 echo=typer.echo,
                 crf=crf,
                 postprocess=postprocess,
+                options=_inference_options(precision, batch_size, memory_format),
             )
         else:
             assert pred is not None
@@ -692,6 +720,18 @@ def check_precision(
     typer.echo(result.summary())
     if not result.passed:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _inference_options(precision: str | None, batch_size: int | None, memory_format: str | None) -> dict:
+    """``--precision``, ``--batch-size`` and ``--memory-format`` as model-source options (checked)."""
+    from medseg.errors import ConfigError
+    from medseg.tiling.runtime import InferenceOptions
+
+    try:
+        options = InferenceOptions(precision=precision, batch_size=batch_size, memory_format=memory_format)
+    except ConfigError as exc:
+        _fail(f"--{str(exc).replace('_', '-')}")
+    return options.as_mapping()
 
 
 def _read_spec(path: Path):

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -287,3 +288,29 @@ def test_window_layout_is_measured_once_cached_and_pinnable(tmp_path: Path) -> N
     measured.tuned()
     assert measured.facts()[0]["layout_source"] == "measured"
     assert measured.facts()[0]["batch_size"] >= 1
+
+
+def test_cli_predict_pins_precision_and_layout_and_records_them(tmp_path: Path, phantom_bundle: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+    from medseg.synth import write_nifti
+
+    image, _ = _phantom(4)
+    write_nifti(image[0].numpy(), np.eye(4), tmp_path / "scans" / "p4.nii.gz")
+    pins = ["--precision", "float32", "--batch-size", "3", "--memory-format", "channels_last"]
+    args = ["predict", str(tmp_path / "scans"), str(tmp_path / "out"), "--model", str(phantom_bundle)]
+    result = CliRunner().invoke(app, [*args, "--export", "none", *pins])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "p4" / "result.json").read_text())
+    text = json.dumps(record)
+    plan = next(s for s in record["details"]["provenance"] if s["name"] == "plan")
+    member = plan["params"]["members"][0]
+    assert (member["precision"], member["batch_size"], member["memory_format"]) == (
+        "float32",
+        3,
+        "channels_last",
+    ), text[:500]
+    bad = CliRunner().invoke(app, [*args, "--precision", "bf16"])
+    assert bad.exit_code == 2
+    assert "precision" in bad.output

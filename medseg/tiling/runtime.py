@@ -241,7 +241,8 @@ class BundleRuntime:
         cpu: CpuCapabilities | None = None,
         cache: LayoutCache | None = None,
     ) -> None:
-        self.device, self.options, self.cache = torch.device(device), options, cache
+        self.device, self.options, self.cache, self.cpu = torch.device(device), options, cache, cpu
+        self.loaded = list(bundles)
         self.precisions: list[PrecisionChoice] = []
         self.bundles: list[Bundle] = []
         for i, b in enumerate(bundles):
@@ -255,6 +256,10 @@ class BundleRuntime:
             self.precisions.append(choice)
         self.layouts: list[WindowLayout] | None = None
         self._lock = threading.Lock()
+
+    def for_device(self, device: torch.device | str) -> BundleRuntime:
+        """The same bundles and options resolved for another device (layouts measured anew)."""
+        return BundleRuntime(self.loaded, self.options, device=device, cpu=self.cpu, cache=self.cache)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (Ray workers) without the lock; a worker measures the layout unless it is known."""
