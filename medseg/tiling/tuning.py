@@ -45,7 +45,7 @@ from medseg.tiling.precision import forward_context
 
 MARGIN = 0.95
 """Another choice must take at most this fraction of the current one's time per window."""
-CANDIDATES = (1, 2, 4, 8)
+CANDIDATES = (1, 2, 4)
 """Batch sizes tried."""
 TUNINGS = ("measure", "pinned")
 
