@@ -314,3 +314,16 @@ def test_cli_predict_pins_precision_and_layout_and_records_them(tmp_path: Path, 
     bad = CliRunner().invoke(app, [*args, "--precision", "bf16"])
     assert bad.exit_code == 2
     assert "precision" in bad.output
+
+
+def test_a_predictor_moved_or_shipped_keeps_its_settings(phantom_bundle: Path) -> None:
+    import pickle
+
+    from medseg.pipeline import Predictor
+
+    predictor = Predictor.load_bundles(phantom_bundle, inference=InferenceOptions(precision="float32"))
+    shipped = pickle.loads(pickle.dumps(predictor))  # as a Ray worker receives it
+    moved = shipped.to("cpu")
+    assert moved.runtime.facts()[0]["precision"] == "float32"
+    assert moved.bundles[0].pipeline.inference.precision == "float32"
+    assert moved.runtime.tuned()[0].pipeline.inference.batch_size >= 1
