@@ -27,6 +27,8 @@ from medseg.config.refine import RefineConfig
 from medseg.config.spec import DatasetSpec, IntensitySpec
 
 Size3 = tuple[PositiveInt, PositiveInt, PositiveInt]
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
+"""What a network's forward pass computes in (see :mod:`medseg.tiling.precision`)."""
 Spacing3 = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
 
 
@@ -185,7 +187,7 @@ class InferenceConfig(FrozenModel):
     pad_value: FiniteFloat = 0.0
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     stitch_threads: Annotated[int, Field(ge=0)] = 0
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    precision: Precision = "auto"
     tuning: Literal["measure", "pinned"] = "measure"
 
     @field_validator("tta_axes")

@@ -29,15 +29,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
+from medseg.config.pipeline import Precision
 from medseg.errors import ConfigError, choice_error
 from medseg.hardware import CpuCapabilities, cpu_capabilities
 
-Precision = Literal["auto", "float32", "bfloat16", "float16"]
-PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+"""The names ``inference.precision`` accepts (the config's schema is their one definition)."""
 ComputeType = Literal["float32", "bfloat16", "float16"]
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
