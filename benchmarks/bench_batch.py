@@ -18,6 +18,13 @@ The local runner segments ``--parallel-scans`` scans at once (default: the runne
 on an equal share of the threads; it counts as that many workers in the formulas above, so that
 ``overhead_ratio`` stays core-seconds of the whole run over core-seconds of the network.
 
+Precision: the local runner also segments the same scans with ``precision: float32`` and with
+``precision: auto`` (bfloat16 where the CPU computes it natively), one after the other, each
+measuring its window layout on its first scan; ``precision`` in the line holds both runs,
+``auto_throughput_ratio`` (scans per hour, auto / float32), ``auto_network_speedup`` (network time,
+float32 / auto) and ``auto_throughput_vs_network_speedup`` (the first over the second: how much of
+the network's gain reaches the batch; target >= 0.85). ``--no-precision-compare`` skips it.
+
 Usage:
     .venv/bin/python benchmarks/bench_batch.py [--model demo_out/model/bundle] [--quick] [--engine ray]
 
@@ -36,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine_facts  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 from medseg.batch.runner import BatchSummary, PredictionSettings, run_prediction
 from medseg.bundle import build_network, save_bundle
@@ -80,6 +88,27 @@ def report(summary: BatchSummary, total: float) -> dict:
     }
 
 
+def compare_precisions(scans: Path, model: str, work: Path, uri: str, parallel: int | None) -> dict:
+    """The same scans through the local runner in float32, then with ``precision: auto``."""
+    runs = {}
+    for precision in ("float32", "auto"):
+        out = work / f"out_{precision}_{time.time_ns()}"
+        settings = PredictionSettings(
+            tracking_uri=uri, parallel_scans=parallel, model_options={"precision": precision}
+        )
+        t0 = time.perf_counter()
+        summary = run_prediction(scans, out, models=[model], settings=settings)
+        runs[precision] = report(summary, time.perf_counter() - t0)
+    throughput = runs["auto"]["scans_per_hour"] / runs["float32"]["scans_per_hour"]
+    network = runs["float32"]["model_s"] / runs["auto"]["model_s"]
+    return {
+        "precision": runs,
+        "auto_throughput_ratio": round(throughput, 3),
+        "auto_network_speedup": round(network, 3),
+        "auto_throughput_vs_network_speedup": round(throughput / network, 3),
+    }
+
+
 def main() -> None:
     """Write the folder (once), run the batch, print the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,6 +120,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the local runner")
     parser.add_argument(
         "--parallel-scans", type=int, default=None, help="scans the local runner segments at once"
+    )
+    parser.add_argument(
+        "--no-precision-compare", action="store_true", help="skip the float32 / auto comparison"
     )
     args = parser.parse_args()
     if args.threads:
@@ -129,11 +161,14 @@ def main() -> None:
             import ray
 
             ray.shutdown()
+    if not args.no_precision_compare:
+        results["local"] |= compare_precisions(scans, model, work, uri, args.parallel_scans)
     if args.engine == "local":
-        print(json.dumps({**results["local"], "shape": list(shape)}))
+        print(json.dumps({**results["local"], "shape": list(shape), **machine_facts()}))
         return
     ratio = results["ray"]["scans_per_hour"] / results["local"]["scans_per_hour"]
-    print(json.dumps({"shape": list(shape), **results, "ray_vs_local_throughput": round(ratio, 3)}))
+    out = {"shape": list(shape), **results, "ray_vs_local_throughput": round(ratio, 3), **machine_facts()}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import machine_facts  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 N_LABELS = 3
 ITERATIONS = 5
@@ -340,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run(small, large, Path(tmp), args.rounds, not args.no_reference_large)
     report["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     report["worker_env"] = dict(_WORKER_ENV)
+    report.update(machine_facts())
     print(json.dumps(report))
     return 0 if all(report["targets_met"].values()) else 1
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from machine import machine_facts  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 from medseg.export import CaseExport, export_case, label_table
 from medseg.io import load_image, write_volume
@@ -167,7 +168,7 @@ def main() -> int:
                     "same_frames_as_dcmqi": same,
                 }
             )
-        print(json.dumps(result))
+        print(json.dumps({**result, **machine_facts()}))
         return 0 if result.get("same_frames_as_dcmqi", True) else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -16,6 +16,8 @@ after the other:
 * ``medseg``: volume tensor to label map with :func:`medseg.tiling.infer` (``output="labels"``,
   memory mode ``--memory``, batch size and memory format from ``forward``); the network time
   comes from the engine's own timings;
+* ``medseg_auto``: as ``medseg`` with ``precision: auto`` (bfloat16 where the CPU computes it
+  natively, see :mod:`medseg.tiling.precision`), same batch size and memory format;
 * ``compare``: one pass where MONAI's loop hands each window's answer (same windows: medseg plans
   with ``placement="monai"``) to a full and a memory-bounded medseg merger as well; gives
   ``max_abs_diff`` (softmax probabilities, full mode vs MONAI) and ``label_agreement`` (bounded vs
@@ -24,6 +26,15 @@ after the other:
 Peak memory is the growth of the resident set during the timed call (``VmHWM`` reset through
 ``/proc/self/clear_refs`` before it): the interpreter, the libraries, the model and the input
 volume are there before and count on neither side.
+
+Reduced precision: the ``forward`` role also runs every batch of windows with ``precision: auto``,
+alternating with float32 batch by batch (one process: both see the same machine load), and times a
+bfloat16 matrix multiply. ``auto_forward_speedup`` = float32 forward time / auto forward time on the
+same windows; ``auto_time_ratio`` = medseg auto total / MONAI float32 total; ``auto_net_efficiency``
+= the network's GFLOP/s under auto / the bfloat16 matmul's GFLOP/s (``bf16_matmul_gflops``);
+``auto_label_agreement_vs_float32`` compares the two medseg runs' labels (random weights: near-tied
+logits flip under any rounding, so it is no accuracy measure; see docs/benchmarks.md). The CPU
+model and its flags (``avx512_bf16``, ``amx_bf16``) are recorded (``benchmarks/machine.py``).
 
 Printed: one JSON line with ``forward_s``, ``medseg_s``, ``monai_s``, ``time_ratio``,
 ``non_forward_ratio`` (``(medseg_s - its forward) / (monai_s - its forward)``), ``stitch_overhead``
@@ -46,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import statistics
@@ -58,6 +70,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from machine import machine_facts  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 FULL_SHAPE = (512, 512, 300)
 QUICK_SHAPE = (192, 160, 112)
@@ -136,6 +149,7 @@ def role_forward(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from medseg.tiling import plan_for
+    from medseg.tiling.precision import forward_context, resolve_precision
 
     net = build_model(args.classes, args.seed)
     vol = build_volume(args.shape, args.seed)[0]
@@ -169,12 +183,20 @@ def role_forward(args: argparse.Namespace) -> dict[str, Any]:
         best = best if best[0] < TUNE_MARGIN * default[0] else default
         cl = variants.get(f"channels_last-b{best[1]}")
         _, batch, fmt = cl if cl is not None and cl[0] < TUNE_MARGIN * best[0] else best
-        forward = 0.0
-        for i in range(0, len(locs), batch):
+        auto = resolve_precision("auto", device="cpu").dtype
+        with forward_context(auto, "cpu"):
+            net(window_batch(batch, 0, fmt == "channels_last"))  # warm-up of the reduced kernels
+        forward = auto_forward = 0.0
+        for i in range(0, len(locs), batch):  # float32 and auto take turns on the same windows
             x = window_batch(min(batch, len(locs) - i), i, fmt == "channels_last")
             t0 = time.perf_counter()
             net(x)
-            forward += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            with forward_context(auto, "cpu"):
+                net(x)
+            t2 = time.perf_counter()
+            forward += t1 - t0
+            auto_forward += t2 - t1
         a = torch.randn(4096, 4096)
         net(window_batch(1))
         mm = []
@@ -182,10 +204,22 @@ def role_forward(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             a @ a
             mm.append(time.perf_counter() - t0)
+        b16 = a.to(torch.bfloat16)
+        b16 @ b16  # warm-up
+        mm16 = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            b16 @ b16
+            mm16.append(time.perf_counter() - t0)
     matmul_gflops = 2 * 4096**3 / min(mm) / 1e9
     net_gflops = flops * len(locs) / forward / 1e9
+    bf16_gflops = 2 * 4096**3 / min(mm16) / 1e9
     return {
         "forward_s": forward,
+        "auto_precision": auto,
+        "auto_forward_s": auto_forward,
+        "auto_net_gflops": flops * len(locs) / auto_forward / 1e9,
+        "bf16_matmul_gflops": bf16_gflops,
         "windows": len(locs),
         "plan": str(plan),
         "gflop_per_window": flops / 1e9,
@@ -232,21 +266,24 @@ def role_monai(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def role_medseg(args: argparse.Namespace) -> dict[str, Any]:
+def role_medseg(args: argparse.Namespace, precision: str = "float32") -> dict[str, Any]:
     """medseg.tiling.infer to labels, timed from volume to labels."""
     from medseg.tiling import infer
+    from medseg.tiling.precision import forward_context, resolve_precision
 
     net = build_model(args.classes, args.seed)
     vol = build_volume(args.shape, args.seed)[0]
-    settings = _settings(args)
-    with torch.inference_mode():
+    settings = _settings(args, precision=precision)
+    dtype = resolve_precision(precision, device="cpu").dtype
+    with torch.inference_mode(), forward_context(dtype, "cpu"):
         net(vol[None, :, : args.patch, : args.patch, : args.patch])  # warm-up, as on MONAI's side
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         result = infer(net, vol, settings, output="labels")
         seconds = time.perf_counter() - t0
     assert result.labels is not None
-    np.save(Path(args.workdir) / "medseg_labels.npy", result.labels.numpy().astype(np.uint8))
+    name = "medseg_labels.npy" if precision == "float32" else "medseg_auto_labels.npy"
+    np.save(Path(args.workdir) / name, result.labels.numpy().astype(np.uint8))
     return {
         "medseg_s": seconds,
         "medseg_forward_s": result.timings["forward"],
@@ -340,13 +377,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-compare", action="store_true", help="skip the accuracy pass")
-    parser.add_argument("--role", choices=("forward", "monai", "medseg", "compare"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--role", choices=("forward", "monai", "medseg", "medseg_auto", "compare"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--workdir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.shape = tuple(args.shape or (QUICK_SHAPE if args.quick else FULL_SHAPE))
     args.memory = args.memory or ("bounded" if args.quick else "auto")
     if args.role:
-        roles = {"forward": role_forward, "monai": role_monai, "medseg": role_medseg, "compare": role_compare}
+        roles = {
+            "forward": role_forward,
+            "monai": role_monai,
+            "medseg": role_medseg,
+            "medseg_auto": functools.partial(role_medseg, precision="auto"),
+            "compare": role_compare,
+        }
         print(json.dumps(roles[args.role](args)))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as workdir:
@@ -354,12 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         fwd = _run_role("forward", args)
         args.batch = args.batch or fwd["batch"]
         args.memory_format = args.memory_format or fwd["memory_format"]
-        runs: dict[str, list[dict[str, Any]]] = {"monai": [], "medseg": []}
+        runs: dict[str, list[dict[str, Any]]] = {"monai": [], "medseg": [], "medseg_auto": []}
         for _ in range(args.repeats):
-            for role in ("monai", "medseg"):
+            for role in ("monai", "medseg", "medseg_auto"):
                 runs[role].append(_run_role(role, args))
-        labels = {r: np.load(Path(workdir) / f"{r}_labels.npy") for r in ("monai", "medseg")}
+        labels = {r: np.load(Path(workdir) / f"{r}_labels.npy") for r in ("monai", "medseg", "medseg_auto")}
         agreement_vs_monai = float((labels["monai"] == labels["medseg"]).mean())
+        auto_agreement = float((labels["medseg_auto"] == labels["medseg"]).mean())
         del labels
         cmp = {} if args.no_compare else _run_role("compare", args)
 
@@ -371,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs["monai"]:
         r["non_forward_s"] = r["monai_s"] - r["monai_forward_s"]
     medseg_s, monai_s = med("medseg", "medseg_s"), med("monai", "monai_s")
+    auto_s = med("medseg_auto", "medseg_s")
     ours_fwd, theirs_fwd = med("medseg", "medseg_forward_s"), med("monai", "monai_forward_s")
     ours_rest, theirs_rest = med("medseg", "non_forward_s"), med("monai", "non_forward_s")
     out = {
@@ -392,6 +439,17 @@ def main(argv: list[str] | None = None) -> int:
         "monai_peak_mb": round(med("monai", "monai_peak_mb"), 1),
         "mem_ratio": round(med("medseg", "medseg_peak_mb") / med("monai", "monai_peak_mb"), 4),
         "net_efficiency": round(fwd["net_gflops"] / fwd["matmul_gflops"], 4),
+        "auto_precision": fwd["auto_precision"],
+        "auto_forward_speedup": round(fwd["forward_s"] / fwd["auto_forward_s"], 4),
+        "auto_time_ratio": round(auto_s / monai_s, 4),
+        "auto_net_efficiency": round(fwd["auto_net_gflops"] / fwd["bf16_matmul_gflops"], 4),
+        "auto_forward_s": round(fwd["auto_forward_s"], 3),
+        "medseg_auto_s": round(auto_s, 3),
+        "medseg_auto_forward_s": round(med("medseg_auto", "medseg_forward_s"), 3),
+        "auto_vs_float32_time": round(auto_s / medseg_s, 4),
+        "auto_label_agreement_vs_float32": round(auto_agreement, 6),
+        "auto_net_gflops": round(fwd["auto_net_gflops"], 2),
+        "bf16_matmul_gflops": round(fwd["bf16_matmul_gflops"], 2),
         "medseg_forward_s": round(ours_fwd, 3),
         "monai_forward_s": round(theirs_fwd, 3),
         "medseg_non_forward_s": round(ours_rest, 3),
@@ -417,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": fwd["plan"],
         "compare_plan": cmp.get("compare_plan"),
         "repeats": args.repeats,
+        **machine_facts(),
     }
     print(json.dumps(out))
     return 0

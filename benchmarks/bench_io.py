@@ -45,6 +45,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from machine import machine_facts  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 FULL_SHAPE = (512, 512, 300)
 QUICK_SHAPE = (256, 256, 60)
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_io_")))
         report = run(shape, workdir, args.repeats)
-    print(json.dumps(report))
+    print(json.dumps({**report, **machine_facts()}))
     checks = report["checks"]
     ours_geometry = checks["ours_nifti"]["same_geometry"] and checks["ours_dicom"]["same_geometry"]
     ok = report["arrays_identical"] and ours_geometry

@@ -47,6 +47,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from machine import machine_facts  # benchmarks/ is on sys.path when a benchmark runs as a script
+
 FORMATS = ("contiguous", "channels_last")
 BATCHES = (1, 4)
 CLASSES = 3
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         record = bench_case(case, args)
         records.append(record)
-        print(json.dumps(record), flush=True)
+        print(json.dumps({**record, **machine_facts()}), flush=True)
         if record["faster"] != record["registered"]:
             print(
                 f"# {case.label}: {record['faster']} was faster here; registered default is"

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine_facts  # benchmarks/ is on sys.path when a benchmark runs as a script
 from monai.losses import DiceCELoss
 
 from medseg.bundle import build_network
@@ -91,6 +92,7 @@ def main() -> None:
     print(
         json.dumps(
             {
+                **machine_facts(),
                 "pipeline": Path(args.pipeline).name,
                 "patch_size": list(cfg.train.patch_size),
                 "samples_per_step": per_batch,

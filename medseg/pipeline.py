@@ -37,6 +37,7 @@ from medseg.predict.stages import foreground_entropy
 from medseg.preprocess import build_preprocess
 from medseg.preprocess.intensity import NormalizeChannelsd
 from medseg.refine import RefineConfig, RefineReport
+from medseg.tiling.runtime import BundleRuntime, InferenceOptions
 
 __all__ = ["Prediction", "Predictor", "foreground_entropy"]
 
@@ -52,6 +53,8 @@ class Predictor:
         device: Where the network runs.
         refine: Refinement settings replacing the first bundle's ``refine:`` section (whose
             post-processing was chosen at training).
+        inference: Precision and window layout replacing the bundles' ``inference:`` values
+            (see :mod:`medseg.tiling.runtime`).
     """
 
     def __init__(
@@ -59,8 +62,9 @@ class Predictor:
         bundles: Bundle | list[Bundle],
         device: str | torch.device = "cpu",
         refine: RefineConfig | None = None,
+        inference: InferenceOptions | None = None,
     ) -> None:
-        self.bundles = bundles if isinstance(bundles, list) else [bundles]
+        self.bundles = list(bundles) if isinstance(bundles, list) else [bundles]
         if not self.bundles:
             msg = "Predictor needs at least one bundle, got none"
             raise InputError(msg)
@@ -76,20 +80,31 @@ class Predictor:
         self._preprocess = [build_preprocess(b.spec, keys=("image",), label_key=None) for b in self.bundles]
         for b in self.bundles:
             b.network.to(self.device).eval()
+        self.runtime = BundleRuntime(self.bundles, inference or InferenceOptions(), device=self.device)
+        self.bundles = self.runtime.bundles
 
     @classmethod
     def load_bundles(
-        cls, *paths: str | Path, device: str | torch.device = "cpu", refine: RefineConfig | None = None
+        cls,
+        *paths: str | Path,
+        device: str | torch.device = "cpu",
+        refine: RefineConfig | None = None,
+        inference: InferenceOptions | None = None,
     ) -> Predictor:
         """Load bundles (folders, or MLflow ``runs:/``/``models:/`` URIs) and build a predictor."""
         from medseg.tracking.models import is_mlflow_uri, resolve_bundle_uri
 
         local = [resolve_bundle_uri(str(p)) if is_mlflow_uri(str(p)) else Path(p) for p in paths]
-        return cls([load_bundle(p, device=device) for p in local], device=device, refine=refine)
+        bundles = [load_bundle(p, device=device) for p in local]
+        return cls(bundles, device=device, refine=refine, inference=inference)
 
     @classmethod
     def from_path(
-        cls, *refs: str | Path, device: str | torch.device = "cpu", refine: RefineConfig | None = None
+        cls,
+        *refs: str | Path,
+        device: str | torch.device = "cpu",
+        refine: RefineConfig | None = None,
+        inference: InferenceOptions | None = None,
     ) -> Predictor:
         """Load medseg bundles: folders, MLflow ``runs:/``/``models:/`` URIs or ``medseg:PATH``.
 
@@ -100,12 +115,14 @@ class Predictor:
             *refs: The bundles (several: an ensemble).
             device: Where the network runs.
             refine: Refinement settings replacing the bundle's.
+            inference: Precision and window layout replacing the bundles' (see
+                :class:`~medseg.tiling.runtime.InferenceOptions`).
 
         Returns:
             The predictor.
         """
         paths = [str(r).removeprefix(f"{MEDSEG_SCHEME}:") if isinstance(r, str) else r for r in refs]
-        return cls.load_bundles(*paths, device=device, refine=refine)
+        return cls.load_bundles(*paths, device=device, refine=refine, inference=inference)
 
     def switched(self, *, crf: bool | None = None, postprocess: bool | None = None) -> Predictor:
         """This predictor with the CRF and the post-processing switched on or off (``None``: as is)."""
@@ -117,6 +134,8 @@ class Predictor:
         self.device = torch.device(device)
         for b in self.bundles:
             b.network.to(self.device).eval()
+        self.runtime = self.runtime.for_device(self.device)  # the precision this device computes
+        self.bundles = self.runtime.bundles
         return self
 
     @property
@@ -164,6 +183,7 @@ class Predictor:
         Raises:
             InputError: Wrong channel count or dimensionality, or non-finite voxels.
         """
+        self.bundles = self.runtime.tuned()  # batch size and memory format: measured once
         source, checked = stages.check_input(image, channels=len(self.spec.channels))
         records: list[StageRecord] = [checked]
         prepared = []

@@ -27,6 +27,8 @@ from medseg.config.refine import RefineConfig
 from medseg.config.spec import DatasetSpec, IntensitySpec
 
 Size3 = tuple[PositiveInt, PositiveInt, PositiveInt]
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
+"""What a network's forward pass computes in (see :mod:`medseg.tiling.precision`)."""
 Spacing3 = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
 
 
@@ -154,6 +156,13 @@ class InferenceConfig(FrozenModel):
         pad_value: Value of the padding added where the volume is smaller than a window.
         memory_format: ``contiguous``, ``channels_last`` or ``auto`` (the network's preference).
         stitch_threads: Intra-op threads for cutting windows and stitching; ``0``: chosen by a probe.
+        precision: What the network's forward pass computes in: ``auto`` (bfloat16 on CPUs that
+            compute it natively, float16 on CUDA, else float32; see
+            :mod:`medseg.tiling.precision`), ``float32``, ``bfloat16`` or ``float16``. Blending,
+            probabilities and labels are float32 whatever it is.
+        tuning: ``measure`` (batch size and memory format chosen by a short measurement, cached;
+            see :mod:`medseg.tiling.tuning`) or ``pinned`` (``batch_size`` and ``memory_format``
+            as given, for identical outputs across runs).
 
     Examples:
         >>> InferenceConfig.model_validate({"memory": "bounded"}).memory
@@ -178,6 +187,8 @@ class InferenceConfig(FrozenModel):
     pad_value: FiniteFloat = 0.0
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     stitch_threads: Annotated[int, Field(ge=0)] = 0
+    precision: Precision = "auto"
+    tuning: Literal["measure", "pinned"] = "measure"
 
     @field_validator("tta_axes")
     @classmethod

@@ -281,6 +281,7 @@ def evaluate_model(
     echo: Callable[[str], Any] | None = None,
     crf: bool | None = None,
     postprocess: bool | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Evaluation:
     """Run a model on the spec's cases and score its label maps on each scan's own grid.
 
@@ -296,6 +297,8 @@ def evaluate_model(
         echo: Where to print a line per case.
         crf: Switch the dense CRF on or off (``None``: as the model's pipeline says).
         postprocess: Switch the post-processing chosen at training on or off (``None``: as stored).
+        options: Further model-source options (``precision``, ``batch_size``, ``memory_format``:
+            see :class:`~medseg.tiling.runtime.InferenceOptions`).
 
     Returns:
         The :class:`Evaluation`.
@@ -310,7 +313,7 @@ def evaluate_model(
     say = echo or (lambda _msg: None)
     _check_tolerance(tolerance_mm)
     switches = {k: v for k, v in {"crf": crf, "postprocess": postprocess}.items() if v is not None}
-    predictor = load_model(list(models), device=device, options=switches)
+    predictor = load_model(list(models), device=device, options={**(options or {}), **switches})
     if predictor.spec.labels != loaded.spec.labels:
         msg = f"model labels must match the spec's {loaded.spec.labels}, got {predictor.spec.labels}"
         raise ConfigError(msg)

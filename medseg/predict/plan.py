@@ -76,6 +76,8 @@ class MemberPlan:
             "exact_mapping": None if self.mapping is None else self.mapping.exact,
             "tta_axes": list(self.settings.tta_axes),
             "batch_size": self.settings.batch_size,
+            "memory_format": self.settings.memory_format,
+            "precision": self.settings.precision,
             "blend": self.settings.blend,
             "patches": self.patches.as_dict() | {"starts": len(self.patches.starts)},
         }

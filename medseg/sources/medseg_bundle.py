@@ -9,10 +9,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from medseg.errors import ConfigError
+from medseg.tiling.runtime import OPTION_NAMES, InferenceOptions
 
-OPTIONS = ("crf", "postprocess", "refine")
+OPTIONS = ("crf", "postprocess", "refine", *OPTION_NAMES)
 """What ``options`` may set: ``crf`` / ``postprocess`` switch refinement on or off (``None``: as the
-bundle says); ``refine`` replaces the bundle's refinement settings (a ``RefineConfig``)."""
+bundle says); ``refine`` replaces the bundle's refinement settings (a ``RefineConfig``);
+``precision``, ``batch_size``, ``memory_format`` and ``tuning`` override the bundle's inference
+settings (see :class:`~medseg.tiling.runtime.InferenceOptions`)."""
 
 
 def load_medseg_bundles(locations: Sequence[str], *, device: str = "cpu", options: Mapping[str, Any]) -> Any:
@@ -35,5 +38,8 @@ def load_medseg_bundles(locations: Sequence[str], *, device: str = "cpu", option
     if unknown:
         msg = f"medseg model options must be among {list(OPTIONS)}, got {unknown}"
         raise ConfigError(msg)
-    predictor = Predictor.load_bundles(*locations, device=device, refine=options.get("refine"))
+    inference = InferenceOptions.from_mapping(options)
+    predictor = Predictor.load_bundles(
+        *locations, device=device, refine=options.get("refine"), inference=inference
+    )
     return predictor.switched(crf=options.get("crf"), postprocess=options.get("postprocess"))

@@ -36,6 +36,7 @@ from torch import nn
 from medseg.errors import InputError
 from medseg.tiling.merge import Merger
 from medseg.tiling.plan import PatchLocation, PatchPlan
+from medseg.tiling.precision import forward_context, resolve_precision
 from medseg.tiling.settings import TilingSettings, choose_memory_mode, plan_for
 from medseg.tiling.sinks import LabelSink, ProbabilitySink
 from medseg.tiling.slab import Sink, Slab
@@ -115,6 +116,7 @@ class _Runner:
         if fmt == "auto":
             fmt = getattr(network, "preferred_memory_format", "contiguous")
         self.channels_last = fmt == "channels_last"
+        self.precision = resolve_precision(settings.precision, device=device).dtype
         extent = list(plan.patch_size)
         if plan.slice_axis is not None:
             extent[plan.slice_axis] = 2 * plan.context + 1
@@ -144,7 +146,8 @@ class _Runner:
             x = x.reshape(x.shape[0], -1, *x.shape[3:])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-        y = self.network(x.to(self.device, non_blocking=True))
+        with forward_context(self.precision, self.device):
+            y = self.network(x.to(self.device, non_blocking=True))
         if isinstance(y, tuple | list):  # deep supervision heads: the first is full size
             y = y[0]
         if a is not None:

@@ -42,6 +42,7 @@ TILING_FIELDS = (
     "pad_value",
     "memory_format",
     "stitch_threads",
+    "precision",
 )
 """The settings a pipeline config's ``inference`` section holds (all but the window size)."""
 
@@ -66,6 +67,9 @@ class TilingSettings:
         pad_value: Value of the padding added where the volume is smaller than a window.
         memory_format: ``"contiguous"``, ``"channels_last"`` or ``"auto"`` (the network's
             ``preferred_memory_format`` attribute, else contiguous).
+        precision: What the network's forward pass computes in: ``float32``, ``bfloat16``,
+            ``float16`` or ``auto`` (see :mod:`medseg.tiling.precision`); window answers are cast
+            to float32 before blending.
         stitch_threads: Intra-op threads for cutting windows and stitching (the network keeps
             torch's setting); ``0`` (default): one or torch's number, whichever a short probe
             finds faster, probed again every few batches. This work is bound by memory bandwidth
@@ -92,6 +96,7 @@ class TilingSettings:
     pad_value: float = 0.0
     memory_format: MemoryFormat = "auto"
     stitch_threads: int = 0
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))

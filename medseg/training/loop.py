@@ -24,6 +24,7 @@ from medseg.training.data import PatchLoader, load_validation
 from medseg.training.metrics import dice_per_label
 from medseg.training.postprocess_choice import choose_on_validation
 from medseg.training.precision import as_float32, autocast_dtype
+from medseg.training.precision_guard import guard_bundle
 
 if TYPE_CHECKING:
     from medseg.training.process_group import DistContext
@@ -381,6 +382,9 @@ def train(
         save_bundle(out / "last", cfg, spec, network, {"epoch": epoch, "fold": fold})
         if val_volumes and cfg.refine.postprocess.enabled and cfg.refine.postprocess.choose:
             _choose_postprocessing(result.bundle, val_volumes, fg_labels, run, device)
+        if val_volumes:  # reduced-precision inference is allowed only if it agrees with float32
+            check = guard_bundle(result.bundle, val_volumes, device=device)
+            run.log_metrics({"precision_agreement": check.agreement, "precision_passed": float(check.passed)})
         result.seconds = time.perf_counter() - start
         result.best_dice = best if best >= 0 else math.nan
         run.log_metrics({"train_seconds": result.seconds, "best_val_dice_mean": result.best_dice})

@@ -12,18 +12,12 @@ from typing import Any
 
 import torch
 
+from medseg.hardware import cpu_capabilities
+
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    for name in probes:
-        probe = getattr(torch.cpu, name, None)
-        try:
-            if probe is not None and probe():
-                return True
-        except RuntimeError:  # pragma: no cover - a build without the probe's backend
-            continue
-    return False
+    return cpu_capabilities().native_bf16
 
 
 def autocast_dtype(device: torch.device | str, enabled: bool) -> torch.dtype | None:
