@@ -95,8 +95,10 @@ def load_model(
 
 
 def _register_builtin_sources() -> None:
-    """Register the built-in model source (medseg bundles) unless a loader holds its scheme."""
+    """Register the built-in model sources (medseg bundles, MONAI bundles) unless a loader holds their scheme."""
     if DEFAULT_SCHEME not in MODEL_SOURCES:
         from medseg.sources.medseg_bundle import load_medseg_bundles
 
         MODEL_SOURCES[DEFAULT_SCHEME] = load_medseg_bundles
+    if "monai-bundle" not in MODEL_SOURCES:
+        from medseg.sources import monai_bundle  # noqa: F401 (registers itself)
