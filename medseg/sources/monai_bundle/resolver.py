@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,12 +182,13 @@ def _walk(space: str, rest: str) -> object:
     return None
 
 
-def check(config: Mapping[str, Any], roots: Iterable[str]) -> list[Finding]:
+def check(config: Mapping[str, Any], roots: Iterable[str], *, skip: Collection[str] = ()) -> list[Finding]:
     """Everything reachable from ``roots`` (through references too) that needs trust.
 
     Args:
         config: The parsed config.
         roots: The ids medseg reads (``network_def``, ``preprocessing``, ...).
+        skip: Ids of list items medseg leaves out (neither checked nor built).
 
     Returns:
         The findings, in the order met.
@@ -200,7 +201,7 @@ def check(config: Mapping[str, Any], roots: Iterable[str]) -> list[Finding]:
         if key in seen:
             continue
         seen.add(key)
-        _check_item(config, lookup(config, key), key.split(SEP) if key else [], findings, todo)
+        _check_item(config, lookup(config, key), key.split(SEP) if key else [], findings, todo, skip)
     return findings
 
 
@@ -212,8 +213,12 @@ def _exists(config: Any, key: str) -> bool:
     return True
 
 
-def _check_item(config: Any, value: Any, path: list[str], out: list[Finding], todo: list[str]) -> None:
+def _check_item(
+    config: Any, value: Any, path: list[str], out: list[Finding], todo: list[str], skip: Collection[str]
+) -> None:
     key = SEP.join(path)
+    if key in skip:
+        return
     if isinstance(value, str):
         if value.startswith("$"):
             out.append(Finding(key, "a $-expression"))
@@ -228,7 +233,7 @@ def _check_item(config: Any, value: Any, path: list[str], out: list[Finding], to
         return
     if isinstance(value, list):
         for i, item in enumerate(value):
-            _check_item(config, item, [*path, str(i)], out, todo)
+            _check_item(config, item, [*path, str(i)], out, todo, skip)
         return
     if not isinstance(value, Mapping):
         return
@@ -253,7 +258,7 @@ def _check_item(config: Any, value: Any, path: list[str], out: list[Finding], to
     for k, v in value.items():
         if k in (TARGET, REQUIRES, DISABLED, MODE, DESC):
             continue
-        _check_item(config, v, [*path, str(k)], out, todo)
+        _check_item(config, v, [*path, str(k)], out, todo, skip)
 
 
 class SafeResolver:
@@ -265,10 +270,11 @@ class SafeResolver:
     Args:
         config: The parsed config (already checked).
         source: The config file, for messages.
+        skip: Ids of list items to leave out of their lists.
     """
 
-    def __init__(self, config: Mapping[str, Any], source: str = "config") -> None:
-        self.config, self.source = config, source
+    def __init__(self, config: Mapping[str, Any], source: str = "config", skip: Collection[str] = ()) -> None:
+        self.config, self.source, self.skip = config, source, frozenset(skip)
         self._built: dict[str, Any] = {}
         self._building: set[str] = set()
 
@@ -305,7 +311,11 @@ class SafeResolver:
             msg = f"{self.source}: {key} needs --trust-model-code, got {value!r}"
             raise ConfigError(msg)
         if isinstance(value, list):
-            return [self._child(item, [*path, str(i)]) for i, item in enumerate(value)]
+            return [
+                self._child(item, [*path, str(i)])
+                for i, item in enumerate(value)
+                if SEP.join([*path, str(i)]) not in self.skip
+            ]
         if not isinstance(value, Mapping):
             return value
         if TARGET not in value:

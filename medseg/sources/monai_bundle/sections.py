@@ -13,14 +13,12 @@ what needs code is refused, naming every key). With trust, MONAI's own ``ConfigP
 Examples:
     >>> config = {"preprocessing": {"_target_": "Compose", "transforms": [
     ...     {"_target_": "LoadImaged", "keys": "image"}, {"_target_": "ScaleIntensityd", "keys": "image"}]}}
-    >>> kept, skipped = without_io_transforms(config)
-    >>> [t["_target_"] for t in kept["preprocessing"]["transforms"]], skipped
-    (['ScaleIntensityd'], ('preprocessing::transforms::0 (LoadImaged)',))
+    >>> io_transforms(config)
+    {'preprocessing::transforms::0': 'LoadImaged'}
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,38 +86,31 @@ def _transform_list(config: Any, section: str) -> tuple[str, list[Any]] | None:
     return None
 
 
-def without_io_transforms(config: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """A copy of the config whose pre- and postprocessing lists lack the :data:`SKIPPED` transforms.
+def io_transforms(config: Mapping[str, Any]) -> dict[str, str]:
+    """The :data:`SKIPPED` transforms of the pre- and postprocessing lists, by key path.
 
     Returns:
-        The copy, and the key paths (with class names) of the transforms left out.
+        Key path -> class name, for each transform medseg leaves out.
     """
-    out = copy.deepcopy(dict(config))
-    skipped: list[str] = []
+    skipped: dict[str, str] = {}
     for section in (PREPROCESSING, POSTPROCESSING):
-        if section not in out:
-            continue
         try:
-            found = _transform_list(out, section)
+            found = _transform_list(config, section) if section in config else None
         except KeyError:
             continue
         if found is None:
             continue
         key, items = found
-        kept = []
         for i, item in enumerate(items):
             entry = item
             try:
                 if is_reference(entry):
-                    entry = lookup(out, reference_target(entry, [*key.split(SEP), str(i)]))
+                    entry = lookup(config, reference_target(entry, [*key.split(SEP), str(i)]))
             except KeyError:
                 pass
             if isinstance(entry, Mapping) and _short(entry.get(TARGET, "")) in SKIPPED:
-                skipped.append(f"{key}{SEP}{i} ({_short(entry[TARGET])})")
-            else:
-                kept.append(item)
-        items[:] = kept
-    return out, tuple(skipped)
+                skipped[f"{key}{SEP}{i}"] = _short(entry[TARGET])
+    return skipped
 
 
 def _drop_io_instances(compose: Any) -> tuple[str, ...]:
@@ -140,14 +131,15 @@ def build_safely(config: Mapping[str, Any], *, source: Path) -> BundleParts:
         ConfigError: Naming every key that needs ``--trust-model-code``, or a missing section.
     """
     _require_sections(config, source)
-    filtered, skipped = without_io_transforms(config)
-    findings = check(filtered, SECTIONS)
+    leave_out = io_transforms(config)
+    findings = check(config, SECTIONS, skip=leave_out)
     if findings:
         listed = "; ".join(str(f) for f in findings)
         msg = f"{source}: runs code, which needs --trust-model-code (or remove it): {listed}"
         raise ConfigError(msg)
-    resolver = SafeResolver(filtered, source=str(source))
-    built = {name: resolver.resolve(name) for name in SECTIONS if name in filtered}
+    resolver = SafeResolver(config, source=str(source), skip=leave_out)
+    built = {name: resolver.resolve(name) for name in SECTIONS if name in config}
+    skipped = tuple(f"{key} ({name})" for key, name in leave_out.items())
     return _parts(built, skipped, trusted=False, source=source)
 
 
@@ -168,22 +160,21 @@ def build_trusted(files_config: Path, metadata: Path, folder: Path) -> BundlePar
     parser.read_meta(str(metadata))
     parser.read_config(str(files_config))
     parser["bundle_root"] = str(folder)
-    _require_sections(parser.get(), files_config)
-    filtered, skipped = without_io_transforms(parser.get())
-    parser.set(filtered)
+    config = parser.get()
+    _require_sections(config, files_config)
     built: dict[str, Any] = {}
     name = "imports"
     try:
-        if name in filtered:
+        if name in config:
             parser.get_parsed_content(name)
         for name in SECTIONS:
-            if name in filtered:
+            if name in config:
                 built[name] = parser.get_parsed_content(name)
     except Exception as exc:  # the bundle's own code: anything may go wrong
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         msg = f"{files_config}: {name} could not be built: {type(exc).__name__}: {first}"
         raise ConfigError(msg) from exc
-    return _parts(built, skipped, trusted=True, source=files_config)
+    return _parts(built, (), trusted=True, source=files_config)
 
 
 def _require_sections(config: Mapping[str, Any], source: Path) -> None:
