@@ -401,6 +401,26 @@ def test_code_outside_the_allowed_subset_refused(
     assert "\n" not in message
 
 
+def test_transforms_that_import_by_name_are_refused_and_nothing_runs(tmp_path: Path) -> None:
+    """``LoadImaged(reader="a.dotted.path")`` would make MONAI import and call anything."""
+    marker = tmp_path / "ran"
+    reader = {
+        "_target_": "LoadImaged",
+        "keys": "image",
+        "reader": "subprocess.run",
+        "args": ["touch", str(marker)],
+    }
+    folder = write_bundle(
+        tmp_path / "reader", _config_with({"postprocessing::transforms::1::transform": reader})
+    )
+    with pytest.raises(ConfigError) as err:
+        load_model([f"monai-bundle:{folder}"])
+    message = str(err.value)
+    assert "postprocessing::transforms::1::transform::_target_ (reads or writes files" in message
+    assert "postprocessing::transforms::1::transform::reader (a dotted path" in message
+    assert not marker.exists()
+
+
 def test_references_and_dotted_targets_inside_the_namespaces_are_built(tmp_path: Path) -> None:
     """``@`` references (absolute, ``#`` and relative) and dotted class paths need no trust."""
     config = _config_with(

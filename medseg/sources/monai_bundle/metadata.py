@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from medseg.config.base import format_validation_error
-from medseg.config.spec import DatasetSpec, Modality
+from medseg.config.spec import ChannelSpec, DatasetSpec, Modality
 from medseg.errors import ConfigError
 
 _MODALITIES = {"CT": "CT", "MR": "MR", "MRI": "MR", "PT": "PT", "PET": "PT", "US": "US"}
@@ -109,7 +109,7 @@ def spec_from_metadata(meta: Mapping[str, Any], *, source: Path) -> DatasetSpec:
         return DatasetSpec(
             name=str(meta.get("name") or source.parent.parent.name or "monai-bundle"),
             description=str(meta.get("description", ""))[:500],
-            channels=[{"name": channel_names[i], "modality": modality} for i in range(n_in)],
+            channels=[ChannelSpec(name=channel_names[i], modality=Modality(modality)) for i in range(n_in)],
             labels=labels,
             cases=[],
         )

@@ -20,6 +20,7 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,7 @@ def check_postprocessing(postprocessing: Any, *, source: str) -> None:
         raise ConfigError(msg)
 
 
-def _invert(preprocessing: Any, data: dict[str, Any], *, nearest: bool) -> torch.Tensor:
+def _invert(preprocessing: Any, data: Mapping[Hashable, Any], *, nearest: bool) -> torch.Tensor:
     from monai.transforms import Invertd
 
     inverted = Invertd(keys=PRED, transform=preprocessing, orig_keys=IMAGE, nearest_interp=nearest)(
@@ -100,7 +101,7 @@ def _invert(preprocessing: Any, data: dict[str, Any], *, nearest: bool) -> torch
 
 
 def run_postprocessing(
-    postprocessing: Any, preprocessing: Any, data: dict[str, Any], *, want_probabilities: bool
+    postprocessing: Any, preprocessing: Any, data: Mapping[Hashable, Any], *, want_probabilities: bool
 ) -> PostResult:
     """Run the bundle's postprocessing on ``{"image": ..., "pred": ...}``.
 
@@ -134,7 +135,7 @@ def run_postprocessing(
                 )
             if not inverted:
                 probs = _invert(preprocessing, {**data, PRED: probs}, nearest=False)
-        data = apply_transform(transform, data)
+        data = apply_transform(transform, data)  # type: ignore[assignment]
         inverted = inverted or _is_invert(transform)
     labels = data[PRED] if inverted else _invert(preprocessing, data, nearest=True)
     if labels.ndim == 4 and labels.shape[0] == 1:

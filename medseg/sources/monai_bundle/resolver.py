@@ -41,7 +41,11 @@ TARGET, REQUIRES, DISABLED, MODE, DESC = "_target_", "_requires_", "_disabled_",
 _REFERENCE = re.compile(r"^@(?:\w*)(?:::\w*)*$")
 _RELATIVE = re.compile(r"^@((?:::)+)")
 #: Arguments that download weights from the internet when true (refused without trust).
-_DOWNLOADS = re.compile(r"pretrain|download", re.IGNORECASE)
+_DOWNLOADS = re.compile(r"pretrain|download|^weights$", re.IGNORECASE)
+#: Arguments MONAI resolves as dotted import paths when they are strings (``LoadImage(reader=...)``).
+_IMPORTING = ("reader", "writer", "merger_cls", "backbone")
+#: Readers and writers: medseg loads and writes scans itself (they are left out of transform lists).
+_IO_CLASSES = ("LoadImage", "LoadImaged", "SaveImage", "SaveImaged")
 
 
 def _namespaces() -> dict[str, type]:
@@ -252,9 +256,13 @@ def _check_item(
                 out.append(Finding(f"{key}{SEP}{special}", f"{special} changes what is built"))
         if value.get(MODE, "default") != "default":
             out.append(Finding(f"{key}{SEP}{MODE}", f"_mode_ {value[MODE]!r}"))
+        if isinstance(target, str) and target.rsplit(".", 1)[-1] in _IO_CLASSES:
+            out.append(Finding(where, "reads or writes files outside a transform list"))
         for arg, given in value.items():
             if isinstance(arg, str) and _DOWNLOADS.search(arg) and given not in (False, None, 0, ""):
                 out.append(Finding(f"{key}{SEP}{arg}", "downloads weights"))
+            if arg in _IMPORTING and isinstance(given, str) and "." in given:
+                out.append(Finding(f"{key}{SEP}{arg}", "a dotted path MONAI would import"))
     for k, v in value.items():
         if k in (TARGET, REQUIRES, DISABLED, MODE, DESC):
             continue

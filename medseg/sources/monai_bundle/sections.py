@@ -41,6 +41,8 @@ NETWORK, PREPROCESSING, INFERER, POSTPROCESSING = "network_def", "preprocessing"
 SECTIONS = (NETWORK, PREPROCESSING, INFERER, POSTPROCESSING)
 #: Transforms medseg replaces with its own loading and writing.
 SKIPPED = ("LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd", "SaveImage", "SaveImaged")
+#: The inferers whose settings medseg's tiling engine reproduces (see :mod:`.inferer`).
+INFERERS = ("SlidingWindowInferer", "SlidingWindowInfererAdapt", "SimpleInferer")
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ def build_safely(config: Mapping[str, Any], *, source: Path) -> BundleParts:
         ConfigError: Naming every key that needs ``--trust-model-code``, or a missing section.
     """
     _require_sections(config, source)
+    _check_inferer_kind(config, source)
     leave_out = io_transforms(config)
     findings = check(config, SECTIONS, skip=leave_out)
     if findings:
@@ -175,6 +178,16 @@ def build_trusted(files_config: Path, metadata: Path, folder: Path) -> BundlePar
         msg = f"{files_config}: {name} could not be built: {type(exc).__name__}: {first}"
         raise ConfigError(msg) from exc
     return _parts(built, (), trusted=True, source=files_config)
+
+
+def _check_inferer_kind(config: Mapping[str, Any], source: Path) -> None:
+    """Refuse, before anything is built, an inferer medseg's engine does not run."""
+    node = config.get(INFERER)
+    if isinstance(node, Mapping) and isinstance(node.get(TARGET), str):
+        kind = _short(node[TARGET])
+        if kind not in INFERERS:
+            msg = f"{source}: inferer must be one of {list(INFERERS)} to run in medseg's engine, got {kind}"
+            raise ConfigError(msg)
 
 
 def _require_sections(config: Mapping[str, Any], source: Path) -> None:
