@@ -9,6 +9,7 @@ subprocess, and run medseg on the same synthetic NIfTI scans.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -180,18 +181,38 @@ def metadata(in_channels: int = 1) -> dict[str, Any]:
     }
 
 
-def seeded_unet(seed: int = 0) -> torch.nn.Module:
-    """The bundle's network with seeded weights and batch-norm statistics (no training)."""
+@functools.cache
+def _calibrated_state() -> dict[str, torch.Tensor]:
+    """Seeded weights whose batch norms are calibrated on a phantom and whose classes are balanced.
+
+    Not trained: one forward pass sets the batch-norm statistics from a phantom scaled as the
+    bundle scales it, and the output biases are shifted so that every class wins about a third of
+    the voxels, so labels vary in space and there are many near-ties, where disagreement would show.
+    """
     from monai.networks.nets import UNet
 
-    torch.manual_seed(seed)
-    args = {k: v for k, v in NETWORK.items() if k != "_target_"}
-    net = UNet(**args)
+    torch.manual_seed(0)
+    net = UNet(**{k: v for k, v in NETWORK.items() if k != "_target_"})
+    image, _, _ = make_phantom(shape=(32, 32, 16), seed=3)
+    x = ((torch.as_tensor(image, dtype=torch.float32).clamp(-150, 250) + 150) / 400)[None, None]
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.momentum = 1.0
     with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm3d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
+        net.train()
+        net(x)
+        net.eval()
+        last = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        last.bias -= net(x).mean(dim=(0, 2, 3, 4))
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def seeded_unet() -> torch.nn.Module:
+    """The bundle's network with the weights :func:`_calibrated_state` gives."""
+    from monai.networks.nets import UNet
+
+    net = UNet(**{k: v for k, v in NETWORK.items() if k != "_target_"})
+    net.load_state_dict(_calibrated_state())
     return net
 
 
@@ -280,14 +301,15 @@ def test_labels_and_probabilities_agree_with_monai_bundle_run(
         assert pred.labels.shape == theirs.shape == tuple(image.shape[1:])
         np.testing.assert_allclose(pred.affine, nib.load(path).affine, atol=1e-5)
         # medseg's engine adds the windows in another order than MONAI's loop, so the blended
-        # logits differ in the last bits (float32 sums); a label can flip only at a near-tie
+        # logits may differ in the last bits (float32 sums, about 1e-7); a label could flip only
+        # at a near-tie that close, hence 99.9 % rather than every voxel
         agreement = float((pred.labels == theirs).mean())
         assert agreement >= 0.999, (case, agreement)
-        assert len(np.unique(theirs)) >= 2  # a real comparison, not all background
+        assert np.bincount(theirs.ravel(), minlength=3).min() > 0.05 * theirs.size  # every class, widely
         probs = _monai_result(monai_outputs, case, "prob")  # (X, Y, Z, K) as SaveImaged writes channels
         probs = np.moveaxis(probs.reshape(*theirs.shape, -1), -1, 0)
         assert pred.probabilities is not None
-        np.testing.assert_allclose(pred.probabilities.numpy(), probs, atol=1e-4)
+        np.testing.assert_allclose(pred.probabilities.numpy(), probs, atol=1e-5)
         assert 0.0 < pred.quality["foreground_entropy"] < np.log(3)
 
 
@@ -548,3 +570,58 @@ def test_postprocessing_without_labels_is_refused(tmp_path: Path) -> None:
     folder = write_bundle(tmp_path / "sigmoid", _config_with({"postprocessing::transforms": post}))
     with pytest.raises(ConfigError, match=r"AsDiscreted\(argmax=True\), got Activationsd"):
         load_model([f"monai-bundle:{folder}"])
+
+
+@pytest.mark.slow
+def test_batch_from_the_command_line_fails_the_bad_scan_and_goes_on(
+    tmp_path: Path, bundle: Path, scans: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("case0.nii.gz", "case2.nii.gz"):
+        (folder / name).write_bytes((scans / name).read_bytes())
+    image, _, affine = make_phantom(shape=(20, 18, 6), seed=5)
+    nib.save(nib.Nifti1Image(np.stack([image, image], axis=-1), affine), folder / "two_channels.nii.gz")
+    out = tmp_path / "out"
+    args = ["predict", str(folder), str(out), "--model", f"monai-bundle:{bundle}", "--export", "nifti"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    by_id = {e["case_id"]: e for e in manifest["scans"]}
+    assert by_id["two_channels"]["status"] == "failed"
+    error = by_id["two_channels"]["error"]
+    assert "two_channels.nii.gz" in error
+    assert "metadata.json" in error
+    assert "\n" not in error
+    model = load_model([f"monai-bundle:{bundle}"])
+    for case in ("case0", "case2"):
+        assert by_id[case]["status"] == "ok", by_id[case]
+        written = load_image(out / by_id[case]["outputs"][0])
+        np.testing.assert_array_equal(
+            written[0].numpy(), model.predict(load_image(folder / f"{case}.nii.gz")).labels
+        )
+    # code in the bundle: refused before any scan without the flag, run with it
+    expr = write_bundle(tmp_path / "expr", _config_with({"inferer::overlap": "$0.2 * 2"}))
+    refused = CliRunner().invoke(
+        app,
+        ["predict", str(folder / "case2.nii.gz"), str(tmp_path / "o2"), "--model", f"monai-bundle:{expr}"],
+    )
+    assert refused.exit_code == 2
+    assert "inferer::overlap" in refused.output
+    assert "--trust-model-code" in refused.output
+    trusted = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(folder / "case2.nii.gz"),
+            str(tmp_path / "o3"),
+            "--model",
+            f"monai-bundle:{expr}",
+            "--trust-model-code",
+        ],
+    )
+    assert trusted.exit_code == 0, trusted.output
