@@ -133,6 +133,7 @@ class MonaiBundleModel:
             "model": type(self.network).__name__,
             "postprocessing": describe_steps(self.parts.postprocessing),
             "trusted_code": str(self.parts.trusted).lower(),
+            "left_out": ", ".join(self.parts.skipped) or "(none)",
             **self.windows.as_params(),
         }
         return ModelDescription(kind=KIND, location=str(self.files.folder), sha256=self.sha256, params=params)
