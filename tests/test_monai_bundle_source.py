@@ -315,7 +315,7 @@ def test_labels_and_probabilities_agree_with_monai_bundle_run(
 
 def test_engine_windows_match_monai_sliding_window_inference() -> None:
     """The inferer's settings through medseg's engine give MONAI's blended output (also padded)."""
-    from monai.inferers import SlidingWindowInferer
+    from monai.inferers import SimpleInferer, SlidingWindowInferer
 
     from medseg.sources.monai_bundle.inferer import window_setup
     from medseg.tiling import infer
@@ -336,6 +336,13 @@ def test_engine_windows_match_monai_sliding_window_inference() -> None:
             theirs = inferer(image[None], net)[0]
         assert ours.probabilities is not None
         np.testing.assert_allclose(ours.probabilities.numpy(), theirs.numpy(), atol=1e-5, err_msg=str(kwargs))
+    whole = window_setup(SimpleInferer())
+    plan = whole.plan(image.shape[1:])
+    assert plan.num_windows == 1
+    assert plan.patch_size == tuple(image.shape[1:])
+    ours = infer(net, image, whole.settings, plan=plan, output="logits")
+    with torch.no_grad():
+        np.testing.assert_allclose(ours.probabilities.numpy(), net(image[None])[0].numpy(), atol=1e-6)
 
 
 def _config_with(change: dict[str, Any]) -> dict[str, Any]:
