@@ -318,7 +318,6 @@ def test_engine_windows_match_monai_sliding_window_inference() -> None:
     from monai.inferers import SimpleInferer, SlidingWindowInferer
 
     from medseg.sources.monai_bundle.inferer import window_setup
-    from medseg.tiling import infer
 
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Conv3d(2, 3, 3, padding=1), torch.nn.Tanh()).eval()
@@ -327,22 +326,25 @@ def test_engine_windows_match_monai_sliding_window_inference() -> None:
         {"roi_size": [16, 16, 16], "overlap": 0.4, "mode": "gaussian", "sigma_scale": 0.2, "cval": -1.0},
         {"roi_size": [12, -1, 8], "overlap": 0.25, "mode": "constant", "sw_batch_size": 4},
         {"roi_size": 10, "overlap": 0.7, "mode": "gaussian"},
+        {"roi_size": [48, 16, 16], "padding_mode": "replicate", "mode": "gaussian"},
+        {"roi_size": [16, 24, 16], "padding_mode": "reflect", "overlap": 0.5},
+        {"roi_size": [16, 16, 20], "padding_mode": "circular", "sw_batch_size": 2},
     ]
     for kwargs in cases:
         inferer = SlidingWindowInferer(**kwargs)
-        setup = window_setup(inferer)
-        ours = infer(net, image, setup.settings, plan=setup.plan(image.shape[1:]), output="logits")
+        ours = window_setup(inferer).run(net, image).logits
         with torch.no_grad():
             theirs = inferer(image[None], net)[0]
-        assert ours.probabilities is not None
-        np.testing.assert_allclose(ours.probabilities.numpy(), theirs.numpy(), atol=1e-5, err_msg=str(kwargs))
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5, err_msg=str(kwargs))
     whole = window_setup(SimpleInferer())
     plan = whole.plan(image.shape[1:])
     assert plan.num_windows == 1
     assert plan.patch_size == tuple(image.shape[1:])
-    ours = infer(net, image, whole.settings, plan=plan, output="logits")
     with torch.no_grad():
-        np.testing.assert_allclose(ours.probabilities.numpy(), net(image[None])[0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(
+            whole.run(net, image).logits.numpy(), net(image[None])[0].numpy(), atol=1e-6
+        )
 
 
 def _config_with(change: dict[str, Any]) -> dict[str, Any]:
@@ -555,7 +557,7 @@ def test_wrong_channel_count_names_the_scan_and_the_metadata(
 @pytest.mark.parametrize(
     ("inferer", "words"),
     [
-        ({"padding_mode": "reflect"}, "padding_mode must be 'constant'"),
+        ({"padding_mode": "symmetric"}, "padding_mode must be one of"),
         ({"with_coord": True}, "with_coord must be false"),
         ({"overlap": [0.5, 0.5, 0.25]}, "overlap must be one value for every axis"),
         ({"_target_": "SliceInferer", "spatial_dim": 2}, "got SliceInferer"),

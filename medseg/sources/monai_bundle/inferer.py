@@ -1,26 +1,29 @@
 """A MONAI inferer's settings as medseg's tiling: the same windows, weights and padding.
 
 medseg runs a bundle's network through its own engine (:func:`medseg.tiling.infer`), not through
-the bundle's inferer object. The windows are planned with ``placement="monai"``, which reproduces
-``sliding_window_inference``'s grid (steps of ``int(roi * (1 - overlap))``, the last window moved
-back to fit, half the padding before and half after where the volume is smaller than the window),
-and the importance map is MONAI's. What the engine cannot reproduce is refused by name:
+the bundle's inferer object, and reproduces ``sliding_window_inference``: the volume is padded
+where it is smaller than the window (half before, the rest after, with the inferer's
+``padding_mode`` and ``cval``), the windows are planned with ``placement="monai"`` (steps of
+``int(roi * (1 - overlap))``, the last window moved back to fit), blended with MONAI's importance
+map, and the padding is cropped off again. Supported, or refused by name:
 
 * ``SlidingWindowInferer`` (and ``SlidingWindowInfererAdapt``, which only moves work between
   devices): ``roi_size`` (``-1``/``0`` entries: the volume's size), ``sw_batch_size``, ``overlap``
-  and ``sigma_scale`` (one value for every axis), ``mode`` (``constant``/``gaussian``),
-  ``padding_mode`` ``constant`` with ``cval``; ``with_coord`` and per-axis overlaps are refused;
-  ``device``, ``sw_device``, ``progress``, ``cpu_thresh``, ``buffer_*`` and the weight-map cache
-  change where and how fast it runs, not the result;
+  and ``sigma_scale`` (one value for every axis; per-axis values are refused), ``mode``
+  (``constant``/``gaussian``), ``padding_mode`` (``constant``, ``reflect``, ``replicate``,
+  ``circular``) and ``cval``; ``with_coord`` is refused; ``device``, ``sw_device``, ``progress``,
+  ``cpu_thresh``, ``buffer_*`` and the weight-map cache change where and how fast it runs, not
+  the result;
 * ``SimpleInferer``: one window, the whole volume;
 * any other inferer (``SliceInferer``, ``PatchInferer``, ``SaliencyInferer``, ...) is refused.
 
 Examples:
     >>> from monai.inferers import SlidingWindowInferer
     >>> setup = window_setup(SlidingWindowInferer(roi_size=(16, 16, -1), overlap=0.5, mode="gaussian"))
-    >>> plan = setup.plan((40, 30, 12))
-    >>> plan.patch_size, plan.starts[0], setup.settings.blend
-    ((16, 16, 12), (0, 8, 16, 24), 'gaussian')
+    >>> setup.roi_for((40, 30, 12)), setup.padding((40, 12, 12))
+    ((16, 16, 12), ((0, 0), (2, 2), (0, 0)))
+    >>> setup.plan((40, 30, 12)).starts[0], setup.settings.blend
+    ((0, 8, 16, 24), 'gaussian')
 """
 
 from __future__ import annotations
@@ -29,8 +32,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from medseg.errors import ConfigError
 from medseg.tiling import PatchPlan, TilingSettings, plan_patches
+
+PAD_MODES = ("constant", "reflect", "replicate", "circular")
 
 
 @dataclass(frozen=True)
@@ -39,33 +48,72 @@ class WindowSetup:
 
     Attributes:
         kind: The inferer's class name.
-        roi_size: Its window size (``None``: the whole volume, as ``SimpleInferer`` runs it);
-            entries ``<= 0`` take the volume's size on that axis.
-        settings: The tiling settings (overlap, blending, batch, padding value; MONAI's placement).
+        roi_size: Its window size (``None``: the whole volume, as ``SimpleInferer`` runs it); one
+            entry for every axis, or one per axis; entries ``<= 0`` take the volume's size.
+        settings: The tiling settings (overlap, blending, batch, MONAI's placement; the padding is
+            done here, before the engine, so its ``pad_value`` is not used).
+        pad_mode: How the volume is padded where it is smaller than a window (one of
+            :data:`PAD_MODES`, as ``torch.nn.functional.pad`` does it).
+        cval: The value of ``"constant"`` padding.
     """
 
     kind: str
     roi_size: tuple[int, ...] | None
     settings: TilingSettings
+    pad_mode: str = "constant"
+    cval: float = 0.0
 
-    def plan(self, shape: Sequence[int]) -> PatchPlan:
-        """The windows for a volume of this spatial shape, as MONAI places them."""
+    def roi_for(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The window size for a volume of this spatial shape (MONAI's ``fall_back_tuple``)."""
         dims = tuple(int(s) for s in shape)
         if self.roi_size is None:
-            roi = dims
-        else:
-            if len(self.roi_size) == 1:  # one size for every axis
-                return self._plan(dims, self.roi_size * len(dims))
-            if len(self.roi_size) != len(dims):
-                n = len(dims)
-                msg = f"inferer roi_size must have {n} entries for a {n}D image, got {self.roi_size}"
-                raise ConfigError(msg)
-            roi = self.roi_size
-        return self._plan(dims, roi)
+            return dims
+        roi = self.roi_size * len(dims) if len(self.roi_size) == 1 else self.roi_size
+        if len(roi) != len(dims):
+            n = len(dims)
+            msg = f"inferer roi_size must have {n} entries for a {n}D image, got {self.roi_size}"
+            raise ConfigError(msg)
+        return tuple(s if r <= 0 else r for r, s in zip(roi, dims))
 
-    def _plan(self, dims: tuple[int, ...], roi: Sequence[int]) -> PatchPlan:
-        roi = tuple(s if r <= 0 else r for r, s in zip(roi, dims))
-        return plan_patches(dims, roi, overlap=self.settings.overlap, divisor=1, placement="monai")
+    def padding(self, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        """``(before, after)`` padding per axis: half the shortfall before a window, the rest after."""
+        roi = self.roi_for(shape)
+        return tuple(((r - s) // 2, r - s - (r - s) // 2) if s < r else (0, 0) for s, r in zip(shape, roi))
+
+    def plan(self, shape: Sequence[int]) -> PatchPlan:
+        """The windows of the padded volume, as MONAI places them."""
+        pads = self.padding(shape)
+        padded = tuple(int(s) + b + a for s, (b, a) in zip(shape, pads))
+        return plan_patches(padded, self.roi_for(shape), overlap=self.settings.overlap, placement="monai")
+
+    def run(
+        self, network: nn.Module, image: torch.Tensor, *, device: torch.device | str | None = None
+    ) -> WindowRun:
+        """Blended network output for a ``(C, *spatial)`` image, as ``sliding_window_inference`` gives.
+
+        Args:
+            network: The bundle's network (in eval mode).
+            image: The preprocessed image.
+            device: Where the network runs.
+
+        Returns:
+            The :class:`WindowRun`: ``(K, *spatial)`` blended logits on the image's grid.
+        """
+        from medseg.tiling import infer
+
+        x = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+        x = x.float()
+        pads = self.padding(x.shape[1:])
+        if any(b or a for b, a in pads):
+            flat = [v for b, a in reversed(pads) for v in (b, a)]
+            value = self.cval if self.pad_mode == "constant" else None
+            x = F.pad(x[None], flat, mode=self.pad_mode, value=value)[0]
+        plan = self.plan(image.shape[1:])
+        result = infer(network, x, self.settings, plan=plan, output="logits", device=device)
+        assert result.probabilities is not None
+        crop = tuple(slice(b, b + int(n)) for n, (b, _) in zip(image.shape[1:], pads))
+        logits = result.probabilities[(slice(None), *crop)]
+        return WindowRun(logits=logits, plan=plan, timings=dict(result.timings))
 
     def as_params(self) -> dict[str, str]:
         """The settings as strings (for tracking)."""
@@ -78,8 +126,24 @@ class WindowSetup:
             "blend": s.blend,
             "sigma_scale": str(s.sigma_scale),
             "sw_batch_size": str(s.batch_size),
-            "cval": str(s.pad_value),
+            "padding_mode": self.pad_mode,
+            "cval": str(self.cval),
         }
+
+
+@dataclass(frozen=True)
+class WindowRun:
+    """What :meth:`WindowSetup.run` made.
+
+    Attributes:
+        logits: ``(K, *spatial)`` blended network output on the image's grid.
+        plan: The windows that ran (on the padded volume).
+        timings: The engine's timings (``forward``: the network alone).
+    """
+
+    logits: torch.Tensor
+    plan: PatchPlan
+    timings: dict[str, float]
 
 
 def _one(value: Any, name: str, kind: str) -> float:
@@ -130,8 +194,8 @@ def window_setup(inferer: Any) -> WindowSetup:
         msg = f"{kind} with_coord must be false (the network takes windows only), got True"
         raise ConfigError(msg)
     padding = str(getattr(inferer.padding_mode, "value", inferer.padding_mode))
-    if padding != "constant":
-        msg = f"{kind} padding_mode must be 'constant' (with cval) in medseg's engine, got {padding!r}"
+    if padding not in PAD_MODES:
+        msg = f"{kind} padding_mode must be one of {list(PAD_MODES)}, got {padding!r}"
         raise ConfigError(msg)
     roi = inferer.roi_size
     roi_size = tuple(int(r) for r in roi) if isinstance(roi, Sequence) else (int(roi),)
@@ -144,9 +208,8 @@ def window_setup(inferer: Any) -> WindowSetup:
             batch_size=int(inferer.sw_batch_size),
             memory="full",
             placement="monai",
-            pad_value=float(inferer.cval),
         )
     except ValueError as exc:
         msg = f"{kind} settings must suit medseg's engine: {exc}"
         raise ConfigError(msg) from exc
-    return WindowSetup(kind, roi_size, settings)
+    return WindowSetup(kind, roi_size, settings, pad_mode=padding, cval=float(inferer.cval))

@@ -163,7 +163,6 @@ class MonaiBundleModel:
                 bundle that failed on this scan (naming the scan).
         """
         from medseg.pipeline import Prediction, foreground_entropy
-        from medseg.tiling import infer
 
         source = self._check_image(image)
         name = source.meta.get("filename_or_obj", "<image>")
@@ -178,13 +177,9 @@ class MonaiBundleModel:
             raise InputError(msg) from exc
         grid = sample[IMAGE]
         t1 = time.perf_counter()
-        plan = self.windows.plan(grid.shape[1:])
-        result = infer(
-            self.network, grid, self.windows.settings, plan=plan, output="logits", device=self.device
-        )
-        assert result.probabilities is not None
+        windows = self.windows.run(self.network, grid, device=self.device)
         t2 = time.perf_counter()
-        pred = MetaTensor(result.probabilities, meta=deepcopy(dict(grid.meta)))
+        pred = MetaTensor(windows.logits, meta=deepcopy(dict(grid.meta)))
         try:
             post = run_postprocessing(
                 self.parts.postprocessing,
@@ -210,7 +205,7 @@ class MonaiBundleModel:
             if entropy is not None:
                 quality["foreground_entropy"] = entropy
         seconds.update(
-            preprocess=t1 - t0, model=t2 - t1, network=result.timings["forward"], to_source=t3 - t2
+            preprocess=t1 - t0, model=t2 - t1, network=windows.timings["forward"], to_source=t3 - t2
         )
         return Prediction(
             labels=labels,
