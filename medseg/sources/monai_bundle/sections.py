@@ -165,6 +165,12 @@ def build_trusted(files_config: Path, metadata: Path, folder: Path) -> BundlePar
     parser["bundle_root"] = str(folder)
     config = parser.get()
     _require_sections(config, files_config)
+    _check_inferer_kind(config, files_config)
+    leave_out = io_transforms(config)
+    for key in sorted(leave_out, key=lambda k: -int(k.rsplit(SEP, 1)[1])):  # later items first
+        parent, index = key.rsplit(SEP, 1)
+        del lookup(config, parent)[int(index)]
+    parser.set(config)
     built: dict[str, Any] = {}
     name = "imports"
     try:
@@ -177,7 +183,8 @@ def build_trusted(files_config: Path, metadata: Path, folder: Path) -> BundlePar
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         msg = f"{files_config}: {name} could not be built: {type(exc).__name__}: {first}"
         raise ConfigError(msg) from exc
-    return _parts(built, (), trusted=True, source=files_config)
+    skipped = tuple(f"{key} ({cls})" for key, cls in leave_out.items())
+    return _parts(built, skipped, trusted=True, source=files_config)
 
 
 def _check_inferer_kind(config: Mapping[str, Any], source: Path) -> None:
