@@ -50,6 +50,8 @@ def _names(entry: Mapping[str, Any], default: str, source: Path, what: str) -> d
             names = {int(k): str(v) for k, v in defs.items()}
         else:
             names = {i: f"{default}_{i}" for i in range(int(entry.get("num_channels", 1)))}
+            if what == "outputs":
+                names[0] = "background"
     except (TypeError, ValueError) as exc:
         msg = f"{source}: network_data_format.{what} must give integer channel indices, got {defs!r}"
         raise ConfigError(msg) from exc
