@@ -147,7 +147,7 @@ def inference_config() -> dict[str, Any]:
     }
 
 
-def metadata(in_channels: int = 1) -> dict[str, Any]:
+def metadata(in_channels: int = 1, labels: dict[str, str] = LABELS) -> dict[str, Any]:
     """``configs/metadata.json`` with the Zoo's ``network_data_format``."""
     image = {
         "type": "image",
@@ -163,12 +163,12 @@ def metadata(in_channels: int = 1) -> dict[str, Any]:
     pred = {
         "type": "image",
         "format": "segmentation",
-        "num_channels": 3,
+        "num_channels": len(labels),
         "spatial_shape": [16, 16, 16],
         "dtype": "float32",
         "value_range": [0, 1],
         "is_patch_data": True,
-        "channel_def": LABELS,
+        "channel_def": labels,
     }
     return {
         "version": "0.1.0",
@@ -182,17 +182,17 @@ def metadata(in_channels: int = 1) -> dict[str, Any]:
 
 
 @functools.cache
-def _calibrated_state() -> dict[str, torch.Tensor]:
+def _calibrated_state(classes: int = 3) -> dict[str, torch.Tensor]:
     """Seeded weights whose batch norms are calibrated on a phantom and whose classes are balanced.
 
     Not trained: one forward pass sets the batch-norm statistics from a phantom scaled as the
-    bundle scales it, and the output biases are shifted so that every class wins about a third of
-    the voxels, so labels vary in space and there are many near-ties, where disagreement would show.
+    bundle scales it, and the output biases are shifted so that the classes share the voxels about
+    equally, so labels vary in space and there are many near-ties, where disagreement would show.
     """
     from monai.networks.nets import UNet
 
     torch.manual_seed(0)
-    net = UNet(**{k: v for k, v in NETWORK.items() if k != "_target_"})
+    net = UNet(**{**{k: v for k, v in NETWORK.items() if k != "_target_"}, "out_channels": classes})
     image, _, _ = make_phantom(shape=(32, 32, 16), seed=3)
     x = ((torch.as_tensor(image, dtype=torch.float32).clamp(-150, 250) + 150) / 400)[None, None]
     for m in net.modules():
@@ -207,12 +207,12 @@ def _calibrated_state() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
-def seeded_unet() -> torch.nn.Module:
+def seeded_unet(classes: int = 3) -> torch.nn.Module:
     """The bundle's network with the weights :func:`_calibrated_state` gives."""
     from monai.networks.nets import UNet
 
-    net = UNet(**{k: v for k, v in NETWORK.items() if k != "_target_"})
-    net.load_state_dict(_calibrated_state())
+    net = UNet(**{**{k: v for k, v in NETWORK.items() if k != "_target_"}, "out_channels": classes})
+    net.load_state_dict(_calibrated_state(classes))
     return net
 
 
@@ -222,13 +222,15 @@ def write_bundle(
     *,
     meta: dict[str, Any] | None = None,
     yaml_name: bool = False,
+    labels: dict[str, str] = LABELS,
 ) -> Path:
     """A bundle folder: ``configs/metadata.json``, ``configs/inference.json`` and ``models/model.pt``."""
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(exist_ok=True)
-    torch.save(seeded_unet().state_dict(), root / "models" / "model.pt")
-    (root / "configs" / "metadata.json").write_text(json.dumps(meta or metadata(), indent=2))
+    torch.save(seeded_unet(len(labels)).state_dict(), root / "models" / "model.pt")
+    (root / "configs" / "metadata.json").write_text(json.dumps(meta or metadata(labels=labels), indent=2))
     cfg = config if config is not None else inference_config()
+    cfg["network_def"]["out_channels"] = len(labels)
     if yaml_name:
         import yaml
 
