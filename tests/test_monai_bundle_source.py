@@ -419,6 +419,11 @@ def test_dollar_expressions_refused_naming_the_keys_then_run_with_trust(
         ({"network_def::_mode_": "callable"}, "network_def::_mode_", "_mode_"),
         ({"inferer::roi_size": "@datalist"}, "datalist", "$-expression"),
         ({"inferer::roi_size": "%configs/other.json::roi"}, "inferer::roi_size", "%-macro"),
+        (
+            {"postprocessing::transforms::1::transform": "@preprocessing::transforms::0"},
+            "postprocessing::transforms::1::transform",
+            "a reader or writer medseg leaves out",
+        ),
     ],
 )
 def test_code_outside_the_allowed_subset_refused(

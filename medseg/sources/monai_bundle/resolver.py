@@ -232,6 +232,8 @@ def _check_item(
             target = reference_target(value, path)
             if not _exists(config, target):
                 out.append(Finding(key, f"a reference to the missing id {target!r}"))
+            elif target in skip:
+                out.append(Finding(key, f"a reference to {target!r}, a reader or writer medseg leaves out"))
             else:
                 todo.append(target)
         return
@@ -295,6 +297,9 @@ class SafeResolver:
         """
         if key in self._built:
             return self._built[key]
+        if key in self.skip:
+            msg = f"{self.source}: {key} is a reader or writer medseg leaves out and must not be referenced"
+            raise ConfigError(msg)
         if key in self._building:
             msg = f"{self.source}: references must not form a cycle, got one through {key!r}"
             raise ConfigError(msg)
