@@ -641,3 +641,32 @@ def test_batch_from_the_command_line_fails_the_bad_scan_and_goes_on(
         ],
     )
     assert trusted.exit_code == 0, trusted.output
+
+
+@pytest.mark.slow
+def test_evaluate_runs_a_bundle_and_records_what_it_is(tmp_path: Path) -> None:
+    import mlflow
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+    from medseg.synth import LABELS as PHANTOM_LABELS
+    from medseg.synth import generate_dataset
+
+    spec = generate_dataset(tmp_path / "ds", 2, shape=(24, 20, 8), seed=4, dicom=False)
+    labels = {str(v): k for k, v in PHANTOM_LABELS.items()}
+    folder = write_bundle(tmp_path / "phantoms", labels=labels)
+    out = tmp_path / "evaluation"
+    args = ["evaluate", "--data", str(spec), "--model", f"monai-bundle:{folder}", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((out / "per_case.json").read_text())) >= 2
+    runs = mlflow.search_runs(experiment_names=["medseg"], output_format="list")
+    params = runs[0].data.params
+    weights = hashlib.sha256((folder / "models" / "model.pt").read_bytes()).hexdigest()
+    assert weights in params["model_sha256"]
+    assert params["model_kind"] == "monai-bundle"
+    assert params["folder"] == str(folder)
+    assert (
+        params["config_sha256"]
+        == hashlib.sha256((folder / "configs" / "inference.json").read_bytes()).hexdigest()
+    )
