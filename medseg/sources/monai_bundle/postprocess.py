@@ -97,7 +97,8 @@ def _invert(preprocessing: Any, data: Mapping[Hashable, Any], *, nearest: bool) 
     inverted = Invertd(keys=PRED, transform=preprocessing, orig_keys=IMAGE, nearest_interp=nearest)(
         dict(data)
     )
-    return inverted[PRED]
+    out: torch.Tensor = inverted[PRED]
+    return out
 
 
 def run_postprocessing(
