@@ -540,6 +540,10 @@ def test_missing_weights_and_weights_of_another_network(tmp_path: Path) -> None:
     other = write_bundle(tmp_path / "other", _config_with({"network_def::channels": [4, 8, 32]}))
     with pytest.raises(ConfigError, match=r"model\.pt: must hold the weights of network_def \(UNet\)"):
         load_model([f"monai-bundle:{other}"])
+    with pytest.raises(ConfigError, match=r"options must be among \['trust_model_code'\], got \['crf'\]"):
+        load_model([f"monai-bundle:{other}"], options={"crf": True})
+    with pytest.raises(ConfigError, match="one bundle folder"):
+        load_model([f"monai-bundle:{other}", f"monai-bundle:{folder}"])
     nothing = tmp_path / "empty"
     nothing.mkdir()
     with pytest.raises(ConfigError, match=r"configs/metadata\.json"):

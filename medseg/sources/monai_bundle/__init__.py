@@ -30,6 +30,8 @@ from medseg.sources.models import register_model_source
 
 SCHEME = "monai-bundle"
 TRUST_OPTION = "trust_model_code"
+OPTIONS = (TRUST_OPTION,)
+"""What ``options`` may set: ``trust_model_code`` (build the config with MONAI's own parser)."""
 
 
 @register_model_source(SCHEME)
@@ -39,17 +41,23 @@ def load_monai_bundle(locations: Sequence[str], *, device: str = "cpu", options:
     Args:
         locations: One bundle folder (MONAI bundles are not ensembled).
         device: Where the network runs.
-        options: ``trust_model_code`` (default false); other sources' options are ignored.
+        options: See :data:`OPTIONS` (refinement switches such as ``crf`` are medseg bundles' and
+            are refused here).
 
     Returns:
         The :class:`~medseg.sources.monai_bundle.model.MonaiBundleModel`.
 
     Raises:
-        ConfigError: Not exactly one folder, or a bundle medseg cannot run (naming the file).
+        ConfigError: Not exactly one folder, an option this source does not know, or a bundle medseg
+            cannot run (naming the file).
     """
     from medseg.sources.monai_bundle.layout import find_bundle_files
     from medseg.sources.monai_bundle.model import MonaiBundleModel
 
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        msg = f"monai-bundle model options must be among {list(OPTIONS)}, got {unknown}"
+        raise ConfigError(msg)
     if len(locations) != 1:
         msg = f"monai-bundle models must be one bundle folder (no ensembles), got {list(locations)}"
         raise ConfigError(msg)
@@ -57,4 +65,4 @@ def load_monai_bundle(locations: Sequence[str], *, device: str = "cpu", options:
     return MonaiBundleModel(files, device=device, trust_code=bool(options.get(TRUST_OPTION, False)))
 
 
-__all__ = ["SCHEME", "TRUST_OPTION", "load_monai_bundle"]
+__all__ = ["OPTIONS", "SCHEME", "TRUST_OPTION", "load_monai_bundle"]
