@@ -614,7 +614,7 @@ def test_batch_from_the_command_line_fails_the_bad_scan_and_goes_on(
     by_id = {e["case_id"]: e for e in manifest["scans"]}
     assert by_id["two_channels"]["status"] == "failed"
     error = by_id["two_channels"]["error"]
-    assert "two_channels.nii.gz" in error
+    assert by_id["two_channels"]["inputs"] == [str(folder / "two_channels.nii.gz")]
     assert "metadata.json" in error
     assert "\n" not in error
     model = load_model([f"monai-bundle:{bundle}"])

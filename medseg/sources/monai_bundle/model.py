@@ -47,6 +47,13 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+def _scan_name(image: object) -> str:
+    """``"path: "`` for messages about a scan, or nothing where the scan's file is not known."""
+    meta = image.meta if isinstance(image, MetaTensor) else {}
+    name = str(meta.get("filename_or_obj", "") or "")
+    return f"{name}: " if name and not name.startswith("<") else ""
+
+
 def load_weights(network: torch.nn.Module, path: Path) -> None:
     """Load ``models/model.pt`` into the network: tensors only, keys and shapes strictly.
 
@@ -139,19 +146,17 @@ class MonaiBundleModel:
         return ModelDescription(kind=KIND, location=str(self.files.folder), sha256=self.sha256, params=params)
 
     def _check_image(self, image: MetaTensor) -> MetaTensor:
-        name = image.meta.get("filename_or_obj", "<image>") if isinstance(image, MetaTensor) else "<image>"
+        name = _scan_name(image)
         n = len(self.spec.channels)
         if image.ndim != 4:
-            msg = f"{name}: image must be 3D with a channel axis (C, X, Y, Z), got shape {tuple(image.shape)}"
+            msg = f"{name}image must be 3D with a channel axis (C, X, Y, Z), got shape {tuple(image.shape)}"
             raise InputError(msg)
         if image.shape[0] != n:
-            msg = (
-                f"{name}: image must have {n} channel(s) as {self.files.metadata} says, got {image.shape[0]}"
-            )
+            msg = f"{name}image must have {n} channel(s) as {self.files.metadata} says, got {image.shape[0]}"
             raise InputError(msg)
         data = image.as_tensor().float() if isinstance(image, MetaTensor) else torch.as_tensor(image).float()
         if not torch.isfinite(data).all():
-            msg = f"{name}: image voxels must be finite, got NaN or inf values"
+            msg = f"{name}image voxels must be finite, got NaN or inf values"
             raise InputError(msg)
         return MetaTensor(data, meta=deepcopy(dict(image.meta)) if isinstance(image, MetaTensor) else {})
 
@@ -165,7 +170,7 @@ class MonaiBundleModel:
         from medseg.pipeline import Prediction, foreground_entropy
 
         source = self._check_image(image)
-        name = source.meta.get("filename_or_obj", "<image>")
+        name = _scan_name(source)
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         try:
@@ -173,7 +178,7 @@ class MonaiBundleModel:
         except MedsegError:
             raise
         except Exception as exc:
-            msg = f"{name}: the bundle's preprocessing must accept the scan, got {_first_line(exc)}"
+            msg = f"{name}the bundle's preprocessing must accept the scan, got {_first_line(exc)}"
             raise InputError(msg) from exc
         grid = sample[IMAGE]
         t1 = time.perf_counter()
@@ -190,12 +195,12 @@ class MonaiBundleModel:
         except MedsegError:
             raise
         except Exception as exc:
-            msg = f"{name}: the bundle's postprocessing must accept the prediction, got {_first_line(exc)}"
+            msg = f"{name}the bundle's postprocessing must accept the prediction, got {_first_line(exc)}"
             raise InputError(msg) from exc
         t3 = time.perf_counter()
         if tuple(post.labels.shape) != tuple(source.shape[1:]):
             want, got = tuple(source.shape[1:]), tuple(post.labels.shape)
-            msg = f"{name}: labels must come back on the scan's grid {want}, got {got}"
+            msg = f"{name}labels must come back on the scan's grid {want}, got {got}"
             raise InputError(msg)
         dtype = np.uint8 if self.spec.num_classes <= 256 else np.uint16
         labels = torch.round(post.labels.float()).numpy().astype(dtype)
