@@ -318,6 +318,14 @@ def predict(
         str | None,
         typer.Option(help="Window layout, pinned: contiguous or channels_last (default: measured once)."),
     ] = None,
+    trust_model_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-model-code",
+            help="Let a foreign model's config run Python (a MONAI bundle's $-expressions and any "
+            "_target_); without it such configs are refused, naming the keys.",
+        ),
+    ] = False,
 ) -> None:
     """Segment scans; write each label map on its scan's own voxel grid, with a manifest.
 
@@ -375,7 +383,7 @@ def predict(
                 ray=ray_settings,
                 source_options=options,
                 destination=destination,
-                model_options=_inference_options(precision, batch_size, memory_format),
+                model_options=_model_options(precision, batch_size, memory_format, trust_model_code),
             ),
             echo=typer.echo,
         )
@@ -454,6 +462,14 @@ def evaluate(
         str | None,
         typer.Option(help="Window layout, pinned: contiguous or channels_last (default: measured once)."),
     ] = None,
+    trust_model_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-model-code",
+            help="Let a foreign model's config run Python (a MONAI bundle's $-expressions and any "
+            "_target_); without it such configs are refused, naming the keys.",
+        ),
+    ] = False,
 ) -> None:
     """Score predictions (a folder, or a model run now) against a spec's labels; log an MLflow evaluate run.
 
@@ -486,7 +502,7 @@ def evaluate(
                 echo=typer.echo,
                 crf=crf,
                 postprocess=postprocess,
-                options=_inference_options(precision, batch_size, memory_format),
+                options=_model_options(precision, batch_size, memory_format, trust_model_code),
             )
         else:
             assert pred is not None
@@ -750,6 +766,14 @@ def _inference_options(precision: str | None, batch_size: int | None, memory_for
     except ConfigError as exc:
         _fail(f"--{str(exc).replace('_', '-')}")
     return options.as_mapping()
+
+
+def _model_options(
+    precision: str | None, batch_size: int | None, memory_format: str | None, trust_model_code: bool
+) -> dict:
+    """The model source's options: the inference options, and ``trust_model_code`` when given."""
+    options = _inference_options(precision, batch_size, memory_format)
+    return {**options, "trust_model_code": True} if trust_model_code else options
 
 
 def _read_spec(path: Path):

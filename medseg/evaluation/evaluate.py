@@ -256,7 +256,8 @@ def _trained_on(model: SegmentationModel) -> _TrainedOn:
 
     if not isinstance(model, Predictor):
         described = model.describe()
-        return _TrainedOn([], [], model_name=described.params.get("model", described.kind))
+        facts = {"model_kind": described.kind, "model_location": described.location, **described.params}
+        return _TrainedOn([], [], model_name=described.params.get("model", described.kind), params=facts)
     first = model.bundles[0]
     return _TrainedOn(
         folds=sorted({str(b.info["fold"]) for b in model.bundles if b.info.get("fold") is not None}),
@@ -298,7 +299,8 @@ def evaluate_model(
         crf: Switch the dense CRF on or off (``None``: as the model's pipeline says).
         postprocess: Switch the post-processing chosen at training on or off (``None``: as stored).
         options: Further model-source options (``precision``, ``batch_size``, ``memory_format``:
-            see :class:`~medseg.tiling.runtime.InferenceOptions`).
+            see :class:`~medseg.tiling.runtime.InferenceOptions`;
+            ``trust_model_code`` for sources whose configs hold code).
 
     Returns:
         The :class:`Evaluation`.
