@@ -490,6 +490,8 @@ def test_inference_yaml_and_description(tmp_path: Path, scans: Path) -> None:
     assert d.params["blend"] == "gaussian"
     assert "SaveImaged" not in d.params["postprocessing"]
     pred = model.predict(load_image(scans / "case2.nii.gz"))
+    assert [r.name for r in pred.provenance] == ["preprocess", "model", "to_source"]
+    assert pred.provenance[1].changed["padding"] == [[0, 0], [0, 0], [4, 5]]  # 7 slices, 16-slice windows
     assert pred.labels.shape == (20, 18, 5)
     assert pred.labels.dtype == np.uint8
     assert pred.probabilities is None

@@ -95,7 +95,7 @@ def load_model(
 
 
 def _register_builtin_sources() -> None:
-    """Register the built-in model sources (medseg bundles, MONAI bundles) unless a loader holds their scheme."""
+    """Register the built-in model sources (medseg and MONAI bundles) unless a loader holds their scheme."""
     if DEFAULT_SCHEME not in MODEL_SOURCES:
         from medseg.sources.medseg_bundle import load_medseg_bundles
 

@@ -113,7 +113,7 @@ class WindowSetup:
         assert result.probabilities is not None
         crop = tuple(slice(b, b + int(n)) for n, (b, _) in zip(image.shape[1:], pads))
         logits = result.probabilities[(slice(None), *crop)]
-        return WindowRun(logits=logits, plan=plan, timings=dict(result.timings))
+        return WindowRun(logits=logits, plan=plan, timings=dict(result.timings), pads=pads)
 
     def as_params(self) -> dict[str, str]:
         """The settings as strings (for tracking)."""
@@ -139,11 +139,13 @@ class WindowRun:
         logits: ``(K, *spatial)`` blended network output on the image's grid.
         plan: The windows that ran (on the padded volume).
         timings: The engine's timings (``forward``: the network alone).
+        pads: The ``(before, after)`` padding per axis added before the windows.
     """
 
     logits: torch.Tensor
     plan: PatchPlan
     timings: dict[str, float]
+    pads: tuple[tuple[int, int], ...] = ()
 
 
 def _one(value: Any, name: str, kind: str) -> float:

@@ -3,7 +3,7 @@
 One scan goes: the bundle's preprocessing (MONAI transforms, on the scan as medseg loaded it, in
 float32 as ``LoadImaged`` gives it) → medseg's tiling engine with the inferer's windows
 (:mod:`.inferer`) → the bundle's postprocessing, its ``Invertd`` taking the result back through the
-preprocessing to the scan's own grid (:mod:`.postprocess`) → a :class:`~medseg.pipeline.Prediction`
+preprocessing to the scan's own grid (:mod:`.postprocess`) → a :class:`~medseg.predict.Prediction`
 that medseg's writers, exports and tracking take like any other.
 """
 
@@ -19,7 +19,7 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.errors import ConfigError, InputError, MedsegError
-from medseg.sources.models import ModelDescription
+from medseg.predict.records import ModelDescription
 from medseg.sources.monai_bundle.inferer import WindowSetup, window_setup
 from medseg.sources.monai_bundle.layout import BundleFiles, file_sha256, read_config
 from medseg.sources.monai_bundle.metadata import spec_from_metadata
@@ -34,7 +34,7 @@ from medseg.sources.monai_bundle.sections import BundleParts, build_safely, buil
 
 if TYPE_CHECKING:
     from medseg.config.spec import DatasetSpec
-    from medseg.pipeline import Prediction
+    from medseg.predict.records import Prediction
 
 KIND = "monai-bundle"
 
@@ -167,7 +167,8 @@ class MonaiBundleModel:
             InputError: A wrong channel count or shape, non-finite voxels, or a transform of the
                 bundle that failed on this scan (naming the scan).
         """
-        from medseg.pipeline import Prediction, foreground_entropy
+        from medseg.predict.records import Prediction, StageRecord
+        from medseg.predict.stages import foreground_entropy
 
         source = self._check_image(image)
         name = _scan_name(source)
@@ -212,10 +213,33 @@ class MonaiBundleModel:
         seconds.update(
             preprocess=t1 - t0, model=t2 - t1, network=windows.timings["forward"], to_source=t3 - t2
         )
+        steps = self.parts.preprocessing.transforms
+        provenance = (
+            StageRecord(
+                "preprocess",
+                t1 - t0,
+                params={"transforms": [type(t).__name__ for t in steps]},
+                changed={"shape": list(grid.shape[1:])},
+            ),
+            StageRecord(
+                "model",
+                t2 - t1,
+                params=dict(self.windows.as_params()),
+                changed={"windows": windows.plan.num_windows, "padding": [list(p) for p in windows.pads]},
+                timings=windows.timings,
+            ),
+            StageRecord(
+                "to_source",
+                t3 - t2,
+                params={"postprocessing": describe_steps(self.parts.postprocessing)},
+                changed={"shape": list(labels.shape)},
+            ),
+        )
         return Prediction(
             labels=labels,
             affine=np.asarray(image.affine, dtype=np.float64),
             probabilities=post.probabilities if keep_probabilities else None,
             seconds=seconds,
             quality=quality,
+            provenance=provenance,
         )
