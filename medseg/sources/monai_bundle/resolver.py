@@ -266,8 +266,8 @@ def _check_item(
             if arg in _IMPORTING and isinstance(given, str) and "." in given:
                 out.append(Finding(f"{key}{SEP}{arg}", "a dotted path MONAI would import"))
     for k, v in value.items():
-        if k in (TARGET, REQUIRES, DISABLED, MODE, DESC):
-            continue
+        if TARGET in value and k in (TARGET, REQUIRES, DISABLED, MODE, DESC):
+            continue  # a component's own keys, judged above (a plain mapping's are plain values)
         _check_item(config, v, [*path, str(k)], out, todo, skip)
 
 
