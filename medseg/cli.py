@@ -158,6 +158,9 @@ def train(
             help="Data-parallel processes (torch.distributed: gloo on the CPU, one GPU each with cuda)."
         ),
     ] = 1,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from this bundle's weights (fine-tuning; shapes must fit).")
+    ] = None,
 ) -> None:
     """Train a model on a data spec; logs the run to MLflow and writes a model bundle.
 
@@ -187,6 +190,8 @@ def train(
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch_s")
         typer.echo(f"epoch {epoch}/{total}: {shown}")
 
+    if init_from is not None and nproc != 1:
+        _fail(f"--init-from trains in one process, got --nproc {nproc}")
     try:
         if nproc != 1:
             from medseg.training.distributed import train_distributed
@@ -213,6 +218,7 @@ def train(
                 device=device,
                 progress=progress,
                 experiment=experiment,
+                init_from=init_from,
             )
     except MedsegError as exc:
         _fail(str(exc))
@@ -799,6 +805,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 app.command("watch")(watch_command)
+
+
+def _add_review() -> None:
+    from medseg.review.cli import review_app
+
+    app.add_typer(review_app)
+
+
+_add_review()
 
 
 def main() -> None:

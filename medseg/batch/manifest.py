@@ -11,7 +11,8 @@ import csv
 import io
 import json
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,30 @@ class Manifest:
             outputs, seconds per stage.
         skipped: Files that are not scans, with the reason.
         started: When the run began (ISO time).
+        batch_id: The batch's identity: made at the first save, kept by every later run into the
+            folder with the same model (a review names it, so it cannot be applied to another batch).
+        run_id: The MLflow run of the latest prediction run (see :meth:`link_run`).
+        tracking_uri: Its MLflow store.
+
+    Fields left empty keep the values of the ``manifest.json`` on disk made with the same model, and
+    a scan with the same input fingerprint keeps its clinician's verdict (``review``).
     """
 
     model_sha256: str
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    batch_id: str = ""
+    run_id: str = ""
+    tracking_uri: str = ""
+    _earlier_reviews: dict[str, dict[str, Any]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def link_run(self, out: Path, run_id: str, tracking_uri: str) -> None:
+        """Record the MLflow run of this prediction run (where reviews are logged) and save."""
+        self.run_id, self.tracking_uri = run_id, tracking_uri
+        self.save(out)
 
     def counts(self) -> dict[str, int]:
         """Number of scans per status."""
@@ -65,6 +84,9 @@ class Manifest:
         """The manifest as JSON-ready data."""
         return {
             "model_sha256": self.model_sha256,
+            "batch_id": self.batch_id,
+            "run_id": self.run_id,
+            "tracking_uri": self.tracking_uri,
             "started": self.started,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "counts": self.counts(),
@@ -74,6 +96,7 @@ class Manifest:
 
     def save(self, out: Path) -> None:
         """Write ``manifest.json`` and ``manifest.csv`` atomically."""
+        self._keep_identity(out)
         atomic_write_text(out / MANIFEST_JSON, json.dumps(self.to_dict(), indent=1))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
@@ -109,7 +132,48 @@ class Manifest:
             entries={e["case_id"]: e for e in data.get("scans", [])},
             skipped=data.get("skipped", []),
             started=data.get("started", ""),
+            batch_id=str(data.get("batch_id", "")),
+            run_id=str(data.get("run_id", "")),
+            tracking_uri=str(data.get("tracking_uri", "")),
         )
+
+    @classmethod
+    def require(cls, out: Path) -> Manifest:
+        """The manifest of a batch folder.
+
+        Raises:
+            InputError: Where ``out`` holds no readable ``manifest.json``.
+        """
+        manifest = cls.load(out)
+        if manifest is None:
+            msg = f"batch folder must hold a readable {MANIFEST_JSON}, got none in {out}"
+            raise InputError(msg)
+        return manifest
+
+    def _keep_identity(self, out: Path) -> None:
+        """Keep what the manifest on disk knew: batch id, run, and verdicts on unchanged scans."""
+        if self._earlier_reviews is None:  # the first save reads the file once
+            try:
+                earlier = json.loads((out / MANIFEST_JSON).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                earlier = {}
+            same = earlier.get("model_sha256") == self.model_sha256
+            if not self.batch_id:
+                self.batch_id = str(earlier.get("batch_id") or "") if same else ""
+                self.batch_id = self.batch_id or uuid.uuid4().hex[:16]
+            if same:
+                self.run_id = self.run_id or str(earlier.get("run_id", ""))
+                self.tracking_uri = self.tracking_uri or str(earlier.get("tracking_uri", ""))
+            scans = earlier.get("scans", []) if same else []
+            self._earlier_reviews = {str(e["case_id"]): e for e in scans if e.get("review")}
+        for case_id, old in self._earlier_reviews.items():
+            entry = self.entries.get(case_id)
+            if (
+                entry is not None
+                and "review" not in entry
+                and entry.get("fingerprint") == old.get("fingerprint")
+            ):
+                entry["review"] = old["review"]
 
 
 def _batch_case(entry: dict[str, Any]) -> BatchCase:
@@ -166,6 +230,30 @@ def record_outputs(out: Path, case_id: str, written: Sequence[Path]) -> None:
     if manifest is not None and entry is not None:
         entry["outputs"] = list(dict.fromkeys([*entry.get("outputs", []), *rel]))
         manifest.save(out)
+
+
+def record_reviews(out: Path, reviews: Mapping[str, Mapping[str, Any]]) -> Manifest:
+    """Merge clinicians' verdicts into the manifest (each under its scan's ``review``) and save it.
+
+    Args:
+        out: The batch folder.
+        reviews: Per case id: the verdict record (``verdict``, ``note``, ``reviewer``, ...).
+
+    Returns:
+        The saved manifest.
+
+    Raises:
+        InputError: No manifest, or a case id it does not hold (nothing is written then).
+    """
+    manifest = Manifest.require(out)
+    unknown = sorted(set(reviews) - set(manifest.entries))
+    if unknown:
+        msg = f"reviewed cases must be scans of {out / MANIFEST_JSON}, got unknown {unknown}"
+        raise InputError(msg)
+    for case_id, record in reviews.items():
+        manifest.entries[case_id]["review"] = dict(record)
+    manifest.save(out)
+    return manifest
 
 
 def _number(value: float | None) -> str:

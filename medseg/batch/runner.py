@@ -176,6 +176,7 @@ def run_prediction(
             )
         )
         summary.run_id, summary.engine = run.run_id, cfg.engine.value
+        manifest.link_run(out, run.run_id, run.uri)  # where clinicians' verdicts are logged
         results, ray_engine = _results(jobs, model, out, scans, cfg, stack)
         summary.workers = ray_engine.workers if ray_engine is not None else _workers(cfg, jobs)
         _follow(results, manifest, out, summary, run, say, cfg)

@@ -73,6 +73,8 @@ class CaseFacts:
         exports: The exports made.
         not_applicable: Exports asked for that do not apply to this input.
         errors: Exports that failed, with the error.
+        review: A clinician's verdict (``verdict``, ``note``, ``reviewer``, ``reviewed_at``), from
+            ``medseg review import``; kept through later exports.
     """
 
     case_id: str = ""
@@ -89,6 +91,7 @@ class CaseFacts:
     exports: tuple[str, ...] = ()
     not_applicable: tuple[str, ...] = ()
     errors: Mapping[str, str] = field(default_factory=dict)
+    review: Mapping[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON of ``case.json``."""
@@ -107,6 +110,7 @@ class CaseFacts:
             "exports": list(self.exports),
             "not_applicable": list(self.not_applicable),
             "errors": dict(self.errors),
+            **({"review": dict(self.review)} if self.review is not None else {}),
         }
 
     @classmethod
@@ -128,6 +132,9 @@ class CaseFacts:
             exports=tuple(str(n) for n in data.get("exports", [])),
             not_applicable=tuple(str(n) for n in data.get("not_applicable", [])),
             errors={str(k): str(v) for k, v in (data.get("errors") or {}).items()},
+            review={str(k): str(v) for k, v in data["review"].items()}
+            if isinstance(data.get("review"), Mapping)
+            else None,
         )
 
 
@@ -184,6 +191,7 @@ def write_case_facts(
         exports=tuple(made),
         not_applicable=tuple(sorted(skipped)),
         errors={k: v for k, v in sorted(failed.items()) if k not in exports},
+        review=facts.review if facts.review is not None else earlier.review,
     )
     path = Path(case_dir) / CASE_FILE
     atomic_write_text(path, json.dumps(merged.as_dict(), indent=1))
@@ -215,3 +223,17 @@ class BatchCase:
     def segmented(self, out_dir: Path) -> bool:
         """Whether it was segmented and its label map is in ``out_dir``."""
         return self.status == "ok" and (Path(out_dir) / self.case_id / LABEL_FILE).is_file()
+
+
+def case_json_with_review(case_dir: Path, review: Mapping[str, str]) -> str | None:
+    """The text of a case's ``case.json`` with a clinician's verdict set, or ``None`` without one.
+
+    Nothing is written: ``medseg review import`` checks every case first, then writes each text
+    with :func:`~medseg.io.atomic.atomic_write_text`.
+    """
+    from dataclasses import replace
+
+    facts = read_case_facts(case_dir)
+    if facts is None:
+        return None
+    return json.dumps(replace(facts, review=dict(review)).as_dict(), indent=1)

@@ -9,7 +9,7 @@ rtstruct            ``rtstruct.dcm`` (RT Structure Set, needs rt-utils)   DICOM 
 stats               ``stats.json``, ``stats.csv``                         every input
 overlays            ``overlays/montage*.png``                             every input
 secondary-capture   ``secondary_capture/montage-N.dcm``                   DICOM series
-report              ``case.json`` (+ stats); the batch's ``report/``      every input
+report              ``case.json``, ``viewer/`` (+ stats); ``report/``     every input
 volumes             ``volumes.json`` (voxels and mL per label value)      every input
 =================== ===================================================== ==============
 
@@ -220,8 +220,10 @@ def _secondary_capture(case: CaseExport, case_dir: Path) -> list[Path]:
 
 def _report(case: CaseExport, case_dir: Path) -> list[Path]:
     from medseg.export.stats import STATS_JSON, write_stats
+    from medseg.export.viewer import write_viewer_data
 
-    return [] if (case_dir / STATS_JSON).is_file() else write_stats(case, case_dir)
+    stats = [] if (case_dir / STATS_JSON).is_file() else write_stats(case, case_dir)
+    return stats + write_viewer_data(case, case_dir)
 
 
 def _volumes(case: CaseExport, case_dir: Path) -> list[Path]:

@@ -1,7 +1,7 @@
 """A static HTML review page for a batch: ``OUT/report/index.html`` and one page per case.
 
 The index lists every case with its status, series description, volume per label and QC flags
-(:mod:`medseg.export.qc`), failed and flagged cases first; clicking a column header sorts the
+(:mod:`medseg.export.qc`), failed cases first, then by QC risk; clicking a column header sorts the
 table (a few lines of inline JavaScript; ``index.html#sort=-4`` opens it sorted by the fifth
 column, descending). Each case page shows the overlay montages, the statistics table and links to every
 exported file. Everything is plain files with relative links, no CDN, no network: the folder
@@ -9,7 +9,8 @@ works offline and inside the batch folder wherever it is copied. Patient identif
 when asked for (``show_patient_info``), read from the source DICOM at build time.
 
 The pages are Jinja2 templates (``medseg/export/templates/``, autoescaped) filled from typed rows
-(:mod:`medseg.export.review_rows`).
+(:mod:`medseg.export.review_rows`). The clinician's review (the QC risk order, the slice viewer,
+verdicts and ``review.json``) comes from :mod:`medseg.export.review_panel`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ import functools
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from medseg.export.review_panel import (
+    case_review_html,
+    index_review_html,
+    review_order,
+    write_batch_identity,
+)
 from medseg.export.review_rows import GREY, ReviewRow, ReviewSettings, collect_rows, label_colors
 from medseg.io.atomic import atomic_write_text
 
@@ -50,8 +57,10 @@ def _templates() -> jinja2.Environment:
 
 
 def render_index(rows: Sequence[ReviewRow], settings: ReviewSettings) -> str:
-    """The HTML of ``report/index.html``: what needs a look first (failed, then flagged cases)."""
-    ordered = sorted(rows, key=lambda r: (r.status == "ok", not r.flags))
+    """The HTML of ``report/index.html``: what needs a look first (failed, then by QC risk)."""
+    from markupsafe import Markup
+
+    ordered = review_order(rows)
     columns = [*INDEX_COLUMNS, *(["patient"] if settings.show_patient_info else [])]
     return (
         _templates()
@@ -65,6 +74,7 @@ def render_index(rows: Sequence[ReviewRow], settings: ReviewSettings) -> str:
             segmented=sum(r.status == "ok" for r in rows),
             flagged=sum(bool(r.flags) for r in rows),
             built=time.strftime("%Y-%m-%d %H:%M"),
+            review=Markup(index_review_html()),
         )
     )
 
@@ -74,8 +84,22 @@ def render_case(row: ReviewRow, settings: ReviewSettings) -> str:
     return (
         _templates()
         .get_template("case.html")
-        .render(title=f"{row.case_id} - {settings.title}", row=row, grey=GREY)
+        .render(title=f"{row.case_id} - {settings.title}", row=row, grey=GREY, review=_case_review(row))
     )
+
+
+def _case_review(row: ReviewRow) -> Any:
+    from urllib.parse import quote
+
+    from markupsafe import Markup
+
+    html = case_review_html(
+        case_id=row.case_id,
+        segmented=row.status == "ok",
+        files=row.files,
+        base=f"../../{quote(row.case_id)}/",
+    )
+    return Markup(html)
 
 
 def write_review(
@@ -96,7 +120,7 @@ def write_review(
     rows = collect_rows(out_dir, cases, settings)
     report = out_dir / REPORT_DIR
     atomic_write_text(report / INDEX, render_index(rows, settings))
-    written = [report / INDEX]
+    written = [report / INDEX, write_batch_identity(out_dir, report)]
     for row in rows:
         dest = report / "cases" / f"{row.case_id}.html"
         atomic_write_text(dest, render_case(row, settings))

@@ -184,6 +184,15 @@ def _choose_postprocessing(
     run.log_dict(choice.config.model_dump(mode="json"), "postprocess.json")
 
 
+def _initial_weights(network: torch.nn.Module, init_from: str | Path | None) -> str:
+    """Load a bundle's weights into ``network`` for fine-tuning; its hash, or "" without one."""
+    if init_from is None:
+        return ""
+    from medseg.training.init_from import load_initial_weights
+
+    return load_initial_weights(network, init_from)
+
+
 def train(
     cfg: PipelineConfig,
     data: LoadedSpec,
@@ -196,6 +205,7 @@ def train(
     experiment: str = "medseg",
     progress: ProgressFn | None = None,
     distributed: DistContext | None = None,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train the pipeline's model on a spec's cases and save the best model as a bundle.
 
@@ -214,6 +224,7 @@ def train(
         distributed: This process's place in a data-parallel group (see
             :mod:`medseg.training.distributed`): it trains on its shard of the cases, and only rank 0
             validates, saves and logs.
+        init_from: Start from this bundle's weights (see :mod:`medseg.training.init_from`).
 
     Returns:
         The :class:`TrainResult`.
@@ -248,7 +259,9 @@ def train(
         val_ids = set(splits[fold]["val"])
         train_cases = [c for c in cases if c.id not in val_ids]
         val_cases = [c for c in cases if c.id in val_ids]
-    network = build_network(cfg, spec).to(device)
+    network = build_network(cfg, spec)
+    init_sha = _initial_weights(network, init_from)
+    network = network.to(device)
     divisor = int(getattr(network, "size_divisor", 1))
     check_patch(cfg.model.name, tcfg.patch_size, **cfg.model.params)
     check_patch(cfg.model.name, cfg.window, **cfg.model.params)
@@ -303,6 +316,7 @@ def train(
         "threads": torch.get_num_threads(),
         "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
         "nproc": 1 if distributed is None else distributed.world_size,
+        "init_from": init_sha,
     }
     start = time.perf_counter() - elapsed_before
     epoch = first_epoch - 1
