@@ -19,6 +19,7 @@ from typing import Any
 
 from medseg.errors import InputError
 from medseg.export.facts import BatchCase
+from medseg.export.review_panel import BatchIdentity
 from medseg.io.atomic import atomic_write_text
 from medseg.labelmap import LABEL_FILE
 
@@ -230,6 +231,19 @@ def record_outputs(out: Path, case_id: str, written: Sequence[Path]) -> None:
     if manifest is not None and entry is not None:
         entry["outputs"] = list(dict.fromkeys([*entry.get("outputs", []), *rel]))
         manifest.save(out)
+
+
+def batch_identity(out: Path) -> BatchIdentity:
+    """The identity a review of the batch in ``out`` must name (empty where it has no manifest).
+
+    A manifest written before batches had ids gets one now, saved.
+    """
+    manifest = Manifest.load(out)
+    if manifest is None:
+        return BatchIdentity()
+    if not manifest.batch_id:
+        manifest.save(Path(out))
+    return BatchIdentity(batch_id=manifest.batch_id, model_sha256=manifest.model_sha256)
 
 
 def record_reviews(out: Path, reviews: Mapping[str, Mapping[str, Any]]) -> Manifest:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg.batch.manifest import batch_cases, record_outputs
+from medseg.batch.manifest import batch_cases, batch_identity, record_outputs
 from medseg.errors import InputError
 from medseg.export.batch import batch_outputs, missing_exports, remake_exports
 from medseg.export.facts import read_case_facts
@@ -70,7 +70,7 @@ def finish_batch(
                 echo(f"{case.case_id}: exports {missing} failed: {exc}")
             continue
         record_outputs(out, case.case_id, written)
-    settings = ReviewSettings(show_patient_info=show_patient_info)
+    settings = ReviewSettings(show_patient_info=show_patient_info, batch=batch_identity(out))
     return batch_outputs(out, batch_cases(out), names, settings)
 
 
@@ -122,5 +122,6 @@ def export_folder(
         else:
             done += 1
             say(f"{case.case_id}: {len(written)} file(s)")
-    batch_outputs(out, batch_cases(out), names, ReviewSettings(show_patient_info=show_patient_info))
+    settings = ReviewSettings(show_patient_info=show_patient_info, batch=batch_identity(out))
+    batch_outputs(out, batch_cases(out), names, settings)
     return done, failed

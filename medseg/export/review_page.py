@@ -120,7 +120,7 @@ def write_review(
     rows = collect_rows(out_dir, cases, settings)
     report = out_dir / REPORT_DIR
     atomic_write_text(report / INDEX, render_index(rows, settings))
-    written = [report / INDEX, write_batch_identity(out_dir, report)]
+    written = [report / INDEX, write_batch_identity(report, settings.batch, [r.case_id for r in rows])]
     for row in rows:
         dest = report / "cases" / f"{row.case_id}.html"
         atomic_write_text(dest, render_case(row, settings))

@@ -7,8 +7,10 @@ The HTML review page (:mod:`medseg.export.review_page`) asks this module for thr
   labels, from ``<case>/viewer/volume.js``, see :mod:`medseg.export.viewer`);
 * :func:`index_review_html`: on the index, the review progress ("reviewed n of N"), a filter by
   verdict and the ``review.json`` download;
-* :func:`write_batch_identity`: ``report/batch.js``, the batch id and model hash that every page
-  stamps on the verdicts it keeps and on ``review.json``.
+* :func:`write_batch_identity`: ``report/batch.js``, the batch id and model hash
+  (:class:`BatchIdentity`, given by the batch's owner through
+  :attr:`~medseg.export.review_rows.ReviewSettings.batch`) that every page stamps on the verdicts
+  it keeps and on ``review.json``.
 
 Everything is inline or beside the pages (no CDN, no network); verdicts live in the browser's
 ``localStorage`` under the batch id until downloaded and imported with ``medseg review import``.
@@ -25,10 +27,10 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
 
 from medseg.export.risk import review_order
 from medseg.export.viewer import VOLUME_PATH
@@ -36,7 +38,7 @@ from medseg.io.atomic import atomic_write_text
 
 __all__ = [
     "BATCH_SCRIPT",
-    "batch_identity",
+    "BatchIdentity",
     "case_review_html",
     "index_review_html",
     "review_order",
@@ -100,22 +102,30 @@ def index_review_html() -> str:
     )
 
 
-def batch_identity(out_dir: Path) -> dict[str, Any]:
-    """``{"batch_id", "model_sha256", "cases"}`` of a batch folder (empty ids where it has no manifest)."""
-    try:
-        data = json.loads((Path(out_dir) / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        data = {}
-    return {
-        "batch_id": str(data.get("batch_id", "")),
-        "model_sha256": str(data.get("model_sha256", "")),
-        "cases": [str(e["case_id"]) for e in data.get("scans", [])],
-    }
+@dataclass(frozen=True)
+class BatchIdentity:
+    """What a review is of: the batch id and model hash the batch's manifest records.
+
+    Every page stamps them on the verdicts it keeps and on ``review.json``;
+    ``medseg review import`` refuses a file of another batch or model.
+
+    Attributes:
+        batch_id: The batch's id (empty where the folder has no manifest).
+        model_sha256: The model bundle hash(es).
+    """
+
+    batch_id: str = ""
+    model_sha256: str = ""
 
 
-def write_batch_identity(out_dir: Path, report_dir: Path) -> Path:
-    """Write ``report/batch.js`` (atomically) and return its path."""
+def write_batch_identity(report_dir: Path, identity: BatchIdentity, case_ids: Sequence[str]) -> Path:
+    """Write ``report/batch.js`` (atomically): the batch's identity and case ids, for the pages' scripts.
+
+    Returns:
+        Its path.
+    """
+    data = {"batch_id": identity.batch_id, "model_sha256": identity.model_sha256, "cases": list(case_ids)}
+    text = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     dest = Path(report_dir) / BATCH_SCRIPT
-    text = json.dumps(batch_identity(out_dir), separators=(",", ":")).replace("</", "<\\/")
     atomic_write_text(dest, f"window.MEDSEG_BATCH = {text};\n")
     return dest

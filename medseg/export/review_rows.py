@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from medseg.export.facts import AlgorithmInfo, CaseFacts, read_case_facts
 from medseg.export.qc import CaseOutcome, Flag, QcSettings, batch_medians, case_flags
+from medseg.export.review_panel import BatchIdentity
 from medseg.export.stats import read_stats
 
 if TYPE_CHECKING:
@@ -37,11 +38,13 @@ class ReviewSettings:
         show_patient_info: Show patient name, id, birth date, study date and accession number.
         qc: QC thresholds.
         title: Page title.
+        batch: The batch's identity, stamped on verdicts and ``review.json`` (from its manifest).
     """
 
     show_patient_info: bool = False
     qc: QcSettings = field(default_factory=QcSettings)
     title: str = "medseg review"
+    batch: BatchIdentity = field(default_factory=BatchIdentity)
 
 
 @dataclass(frozen=True)
