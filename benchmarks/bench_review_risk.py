@@ -33,6 +33,7 @@ from scipy.stats import spearmanr
 
 from medseg.batch.manifest import batch_cases
 from medseg.batch.runner import run_prediction
+from medseg.batch.settings import PredictionSettings
 from medseg.config.spec import load_spec
 from medseg.evaluation import evaluate_folder
 from medseg.export.review_page import collect_rows
@@ -59,7 +60,8 @@ def _one_fold(spec_path: Path, fold: int, bundle: Path, out: Path) -> list[dict[
         if case.id in val and not link.exists():
             link.symlink_to(Path(case.images[0]).resolve())
     pred = out / f"f{fold}" / "pred"
-    run_prediction(inputs, pred, [bundle], exports=["nifti", "stats"], progress_bar=False)
+    settings = PredictionSettings(exports=("nifti", "stats"), progress_bar=False)
+    run_prediction(inputs, pred, models=[bundle], settings=settings)
     ev = evaluate_folder(loaded, pred, cases=sorted(val))
     rows = collect_rows(pred, batch_cases(pred))
     ids, outcomes = [r.case_id for r in rows], [r.outcome for r in rows]

@@ -57,8 +57,8 @@ def _phantom(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np
 
 
 def _page(out: Path, with_volume: bool) -> Path:
-    row = {"case_id": "ct", "files": [VOLUME_PATH] if with_volume else []}
-    html = case_review_html(row, "../../ct/")
+    files = [VOLUME_PATH] if with_volume else []
+    html = case_review_html(case_id="ct", segmented=True, files=files, base="../../ct/")
     page = out / "report" / "cases" / f"ct{'' if with_volume else '-reference'}.html"
     atomic_write_text(
         page, f'<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>{html}</body></html>'
