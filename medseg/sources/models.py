@@ -102,3 +102,5 @@ def _register_builtin_sources() -> None:
         MODEL_SOURCES[DEFAULT_SCHEME] = load_medseg_bundles
     if "monai-bundle" not in MODEL_SOURCES:
         from medseg.sources import monai_bundle  # noqa: F401 (registers itself)
+    if "nnunet" not in MODEL_SOURCES:
+        import medseg.sources.nnunet  # noqa: F401 (registers itself)

@@ -1,0 +1,327 @@
+"""An nnU-Net v2 model folder as a medseg :class:`~medseg.sources.models.SegmentationModel`.
+
+Inference follows nnU-Net's own, step by step, on the scan's stored voxel order (no reorientation):
+medseg's ``(C, X, Y, Z)`` is SimpleITK's ``(C, z, y, x)`` reversed, so the array is reversed, run
+through nnU-Net's preprocessing (:mod:`.preprocess`), the sliding window of every fold
+(:mod:`.sliding`), the logits resampled back to the cropped grid with the plans' probability
+resampling, turned into labels (argmax, or regions by ``regions_class_order``), the crop undone,
+the transpose undone, and reversed back to medseg's order. nnU-Net's post-processing runs only when
+asked, and the description records whether it ran.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.config.spec import DatasetSpec
+from medseg.errors import ConfigError, InputError
+from medseg.sources.models import ModelDescription
+from medseg.sources.nnunet.checkpoint import Checkpoint, load_checkpoint
+from medseg.sources.nnunet.folder import ModelFolder, open_model_folder, parse_folds
+from medseg.sources.nnunet.network import build_network, load_weights
+from medseg.sources.nnunet.plans import Configuration, DatasetInfo, Plans, file_sha256, read_json
+from medseg.sources.nnunet.postprocess import Postprocessing, read_postprocessing
+from medseg.sources.nnunet.preprocess import Preprocessed, preprocess
+from medseg.sources.nnunet.resample import resample_to_shape
+from medseg.sources.nnunet.sliding import SlidingTimings, sliding_window_logits
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _flag(options: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = options.get(key, default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    msg = f"option {key} must be true or false, got '{value}'"
+    raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class NnunetSettings:
+    """How an nnU-Net model folder is loaded and run.
+
+    Attributes:
+        folds: Folds to ensemble (``None``: every fold present).
+        checkpoint: ``final`` or ``best``.
+        mirroring: Test-time mirroring along the checkpoint's allowed axes.
+        postprocessing: Apply the folder's ``postprocessing.pkl``.
+        step: Sliding-window step (fraction of the patch).
+        configuration: Which configuration of a zip holding several.
+        trainers: Trainer names accepted besides nnU-Net's stock ones.
+        label_codes: A YAML/JSON file of DICOM codes per label name (for SEG), or ``None``.
+    """
+
+    folds: tuple[str, ...] | None = None
+    checkpoint: str = "final"
+    mirroring: bool = True
+    postprocessing: bool = False
+    step: float = 0.5
+    configuration: str | None = None
+    trainers: frozenset[str] = frozenset()
+    label_codes: Path | None = None
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> NnunetSettings:
+        """Settings from ``load_model``'s options (strings as the CLI gives them, or values).
+
+        Raises:
+            ConfigError: An unknown option or a bad value.
+        """
+        known = {
+            "folds",
+            "checkpoint",
+            "mirroring",
+            "postprocessing",
+            "step",
+            "configuration",
+            "trainers",
+            "label_codes",
+        }
+        unknown = sorted(set(options) - known)
+        if unknown:
+            msg = f"nnU-Net model options must be among {sorted(known)}, got {unknown}"
+            raise ConfigError(msg)
+        step = float(options.get("step", 0.5))
+        if not 0 < step <= 1:
+            msg = f"option step must be > 0 and <= 1, got {step}"
+            raise ConfigError(msg)
+        trainers = options.get("trainers") or ()
+        if isinstance(trainers, str):
+            trainers = [t.strip() for t in trainers.split(",") if t.strip()]
+        codes = options.get("label_codes")
+        return cls(
+            folds=parse_folds(options.get("folds")),
+            checkpoint=str(options.get("checkpoint") or "final"),
+            mirroring=_flag(options, "mirroring", True),
+            postprocessing=_flag(options, "postprocessing", False),
+            step=step,
+            configuration=options.get("configuration") or None,
+            trainers=frozenset(trainers),
+            label_codes=Path(codes) if codes else None,
+        )
+
+
+def _spec(info: DatasetInfo, name: str, codes: Path | None) -> DatasetSpec:
+    """A :class:`DatasetSpec` for exports: channels and labels from ``dataset.json``."""
+    from medseg.config.base import read_yaml
+
+    channels = [{"name": c, "modality": "CT" if c.upper() == "CT" else "OTHER"} for c in info.channel_names]
+    data: dict[str, Any] = {
+        "name": name,
+        "channels": channels,
+        "labels": info.output_labels,
+        "cases": [{"id": "none", "images": ["none"] * len(channels)}],
+    }
+    if codes is not None:
+        data["label_codes"] = read_yaml(codes)
+    try:
+        return DatasetSpec.model_validate(data)
+    except ValueError as exc:
+        where = codes if codes is not None else "dataset.json"
+        msg = f"{where}: labels must make a valid data spec, got {exc}"
+        raise ConfigError(msg) from exc
+
+
+class NnunetModel:
+    """A loaded nnU-Net v2 model folder (one configuration, one or more folds).
+
+    Args:
+        location: The model folder or its zip.
+        settings: Folds, checkpoint, mirroring, post-processing.
+        device: Where the network runs.
+    """
+
+    def __init__(self, location: str | Path, settings: NnunetSettings, device: str = "cpu") -> None:
+        self.settings = settings
+        self.location = str(location)
+        self.folder: ModelFolder = open_model_folder(
+            location,
+            folds=settings.folds,
+            checkpoint=settings.checkpoint,
+            configuration=settings.configuration,
+        )
+        self.plans = Plans.from_json(read_json(self.folder.plans_file), source=str(self.folder.plans_file))
+        self.dataset = DatasetInfo.from_json(
+            read_json(self.folder.dataset_file), source=str(self.folder.dataset_file)
+        )
+        self.checkpoints: list[Checkpoint] = [
+            load_checkpoint(p, extra_trainers=settings.trainers) for p in self.folder.checkpoints
+        ]
+        first = self.checkpoints[0]
+        name = first.configuration or self.folder.configuration_hint or ""
+        self.config: Configuration = self.plans.configuration(name)
+        for ckpt in self.checkpoints[1:]:
+            if ckpt.configuration and ckpt.configuration != name:
+                msg = f"{ckpt.path} must be trained for configuration '{name}', got '{ckpt.configuration}'"
+                raise ConfigError(msg)
+        self.device = torch.device(device)
+        self.networks = []
+        for ckpt in self.checkpoints:
+            network = build_network(
+                self.config,
+                input_channels=len(self.dataset.channel_names),
+                num_classes=self.dataset.num_heads,
+                source=str(self.folder.plans_file),
+            )
+            load_weights(network, ckpt.weights, checkpoint=str(ckpt.path))
+            self.networks.append(network.to(self.device).eval())
+        self.mirror_axes: tuple[int, ...] = (first.mirror_axes or ()) if settings.mirroring else ()
+        self.postprocessing: Postprocessing | None = (
+            read_postprocessing(self.folder.postprocessing_file) if settings.postprocessing else None
+        )
+        self.spec = _spec(self.dataset, self.folder.path.parent.name or "nnunet", settings.label_codes)
+
+    @property
+    def sha256(self) -> str:
+        """The checkpoints' SHA-256, ``+``-joined in fold order."""
+        return "+".join(c.sha256 for c in self.checkpoints)
+
+    def describe(self) -> ModelDescription:
+        """Kind ``nnunet``: folder, configuration, folds, plans and dataset hashes, weights' hashes."""
+        return ModelDescription(
+            kind="nnunet",
+            location=str(self.folder.path),
+            sha256=self.sha256,
+            params={
+                "configuration": self.config.name,
+                "trainer": self.checkpoints[0].trainer_name,
+                "plans": self.plans.name,
+                "folds": ",".join(self.folder.folds),
+                "checkpoint": self.settings.checkpoint,
+                "mirroring": ",".join(str(a) for a in self.mirror_axes) or "off",
+                "postprocessing": self.postprocessing.describe() if self.postprocessing else "not applied",
+                "plans_sha256": file_sha256(self.folder.plans_file),
+                "dataset_sha256": file_sha256(self.folder.dataset_file),
+            },
+        )
+
+    def predict(self, image: Any, *, keep_probabilities: bool = False) -> Any:
+        """Segment one loaded ``(C, X, Y, Z)`` scan as nnU-Net would; labels on its own grid.
+
+        Args:
+            image: A MetaTensor as :func:`medseg.io.load_image` gives it (stored voxel order).
+            keep_probabilities: Also return ``(K, X, Y, Z)`` probabilities (softmax, or sigmoid
+                per region).
+
+        Returns:
+            A :class:`medseg.pipeline.Prediction`.
+
+        Raises:
+            InputError: Wrong channel count or dimensionality, or non-finite voxels.
+        """
+        from medseg.pipeline import Prediction
+        from medseg.preprocess import spacing_from_affine
+
+        n = len(self.dataset.channel_names)
+        if image.ndim != 4 or image.shape[0] != n:
+            where = image.meta.get("filename_or_obj", "image") if hasattr(image, "meta") else "image"
+            msg = (
+                f"{where}: image must have {n} channel(s) {list(self.dataset.channel_names)} as (C, X, Y, Z), "
+                f"got shape {tuple(image.shape)}"
+            )
+            raise InputError(msg)
+        array = np.asarray(image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image)
+        if not np.isfinite(array).all():
+            msg = "image voxels must be finite, got NaN or inf values"
+            raise InputError(msg)
+        affine = np.asarray(image.affine, dtype=np.float64)
+        spacing = tuple(float(s) for s in spacing_from_affine(affine))
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        case = preprocess(
+            array.transpose(0, 3, 2, 1),
+            spacing=spacing[::-1],
+            config=self.config,
+            transpose_forward=self.plans.transpose_forward,
+            intensity_properties=self.plans.intensity_properties,
+        )
+        t1 = time.perf_counter()
+        timings = SlidingTimings()
+        logits = sliding_window_logits(
+            self.networks,
+            case.data,
+            patch_size=self.config.patch_size,
+            num_heads=self.dataset.num_heads,
+            mirror_axes=self.mirror_axes,
+            step=self.settings.step,
+            device=self.device,
+            timings=timings,
+        )
+        t2 = time.perf_counter()
+        labels, probabilities = self._to_source(logits, case, keep_probabilities)
+        if self.postprocessing is not None:
+            t3 = time.perf_counter()
+            labels = self.postprocessing.apply(labels)
+            seconds["postprocess"] = time.perf_counter() - t3
+        seconds.update(preprocess=t1 - t0, model=t2 - t1, network=timings.forward)
+        seconds["to_source"] = time.perf_counter() - t2 - seconds.get("postprocess", 0.0)
+        return Prediction(labels, affine, probabilities, seconds)
+
+    def _to_source(
+        self, logits: torch.Tensor, case: Preprocessed, keep_probabilities: bool
+    ) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Logits on the network grid to labels (and probabilities) in medseg's order on the source grid."""
+        _, kwargs = self.config.resampling_probabilities
+        current = (
+            self.config.spacing
+            if len(self.config.spacing) == len(case.shape_after_crop)
+            else (case.spacing[0], *self.config.spacing)
+        )
+        resampled = resample_to_shape(
+            logits.numpy(),
+            case.shape_after_crop,
+            current,
+            case.spacing,
+            order=int(kwargs.get("order", 1)),
+            order_z=int(kwargs.get("order_z", 0)),
+            force_separate_z=kwargs.get("force_separate_z"),
+        )
+        values = torch.from_numpy(np.ascontiguousarray(resampled)).float()
+        probabilities = None
+        if self.dataset.has_regions or keep_probabilities:
+            probabilities = torch.sigmoid(values) if self.dataset.has_regions else torch.softmax(values, 0)
+        dtype = np.uint8 if max(self.spec.labels.values()) < 255 else np.uint16
+        if self.dataset.has_regions:
+            assert probabilities is not None and self.dataset.regions_class_order is not None
+            crop_labels = np.zeros(values.shape[1:], dtype=dtype)
+            for i, value in enumerate(self.dataset.regions_class_order):
+                crop_labels[(probabilities[i] > 0.5).numpy()] = value
+        else:
+            crop_labels = values.numpy().argmax(0).astype(dtype)
+        box = tuple(slice(a, b) for a, b in case.bbox)
+        labels = np.zeros(case.shape_before_crop, dtype=dtype)
+        labels[box] = crop_labels
+        back = list(self.plans.transpose_backward)
+        labels = labels.transpose(back).transpose(2, 1, 0)
+        if not keep_probabilities:
+            return np.ascontiguousarray(labels), None
+        assert probabilities is not None
+        full = torch.zeros((probabilities.shape[0], *case.shape_before_crop), dtype=torch.float32)
+        if not self.dataset.has_regions:
+            full[0] = 1.0
+        full[(slice(None), *box)] = probabilities
+        full = full.permute(0, *[b + 1 for b in back]).permute(0, 3, 2, 1).contiguous()
+        return np.ascontiguousarray(labels), full
+
+
+def load_nnunet(locations: Sequence[str], *, device: str = "cpu", options: Mapping[str, Any]) -> NnunetModel:
+    """The ``nnunet`` model source: one model folder (or zip); its folds are the ensemble.
+
+    Raises:
+        ConfigError: Several locations, or what :class:`NnunetModel` refuses.
+    """
+    if len(locations) != 1:
+        msg = f"nnunet: model must be one model folder (ensemble its folds with folds=...), got {len(locations)}"
+        raise ConfigError(msg)
+    return NnunetModel(locations[0], NnunetSettings.from_options(options), device=device)

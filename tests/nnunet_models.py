@@ -1,0 +1,226 @@
+"""Real nnU-Net v2 model folders for tests, made with nnU-Net's own tools.
+
+A raw data set is written (NIfTI through SimpleITK, ``_0000`` channel suffixes), nnU-Net plans and
+preprocesses it (``nnUNetv2_extract_fingerprint``, ``nnUNetv2_plan_experiment``,
+``nnUNetv2_preprocess``), the plans' networks are made narrow so CPU training takes seconds, and
+nnU-Net's own trainer (``nnUNetTrainer_1epoch``, with a handful of iterations set on the instance)
+writes the checkpoints, exactly as it writes them for a real model. Everything runs in subprocesses
+with their own ``nnUNet_*`` environment, so the test process never depends on nnU-Net's globals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BIN = Path(sys.executable).parent
+TRAINER = "nnUNetTrainer_1epoch"
+
+_TRAIN = """
+import json, os, sys, torch
+torch.set_num_threads(1)
+# the trainer class is imported directly: nnU-Net's search by name imports every trainer module,
+# some of which need torchvision
+from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import {trainer}
+dataset, configuration, fold = sys.argv[1], sys.argv[2], sys.argv[3]
+fold = fold if fold == "all" else int(fold)
+base = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
+plans = json.load(open(os.path.join(base, "nnUNetPlans.json")))
+plans["continue_training"] = False
+dataset_json = json.load(open(os.path.join(base, "dataset.json")))
+trainer = {trainer}(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
+                    device=torch.device("cpu"))
+trainer.num_iterations_per_epoch = {iterations}
+trainer.num_val_iterations_per_epoch = 1
+trainer.run_training()
+"""
+
+
+@dataclass(frozen=True)
+class RawCase:
+    """One raw case: an array per channel in SimpleITK's ``(z, y, x)`` order, and its labels."""
+
+    case_id: str
+    channels: tuple[np.ndarray, ...]
+    label: np.ndarray
+    spacing: tuple[float, float, float]  # SimpleITK's (x, y, z)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def nnunet_env(root: Path) -> dict[str, str]:
+    """The environment nnU-Net's tools need, all under ``root`` (planning needs n_proc_DA > 0)."""
+    env = dict(os.environ)
+    env.update(
+        nnUNet_raw=str(root / "raw"),
+        nnUNet_preprocessed=str(root / "preprocessed"),
+        nnUNet_results=str(root / "results"),
+        nnUNet_compile="false",
+        nnUNet_def_n_proc="1",
+        OMP_NUM_THREADS="1",
+        MPLBACKEND="Agg",
+    )
+    return env
+
+
+def write_raw_dataset(
+    root: Path,
+    *,
+    dataset: str,
+    cases: Sequence[RawCase],
+    channel_names: Mapping[str, str],
+    labels: Mapping[str, int | list[int]],
+    regions_class_order: Sequence[int] | None = None,
+) -> Path:
+    """Write ``raw/<dataset>/`` (imagesTr, labelsTr, dataset.json) as nnU-Net expects it."""
+    import SimpleITK as sitk
+
+    folder = root / "raw" / dataset
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+
+    def write(array: np.ndarray, path: Path, case: RawCase) -> None:
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(case.spacing)
+        image.SetDirection(case.direction)
+        image.SetOrigin((3.0, -7.0, 11.0))
+        sitk.WriteImage(image, str(path))
+
+    for case in cases:
+        for c, array in enumerate(case.channels):
+            write(array, folder / "imagesTr" / f"{case.case_id}_{c:04d}.nii.gz", case)
+        write(case.label.astype(np.uint8), folder / "labelsTr" / f"{case.case_id}.nii.gz", case)
+    meta: dict[str, object] = {
+        "channel_names": dict(channel_names),
+        "labels": dict(labels),
+        "numTraining": len(cases),
+        "file_ending": ".nii.gz",
+    }
+    if regions_class_order is not None:
+        meta["regions_class_order"] = list(regions_class_order)
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def _run(args: Sequence[str], env: Mapping[str, str], cwd: Path) -> None:
+    proc = subprocess.run(list(args), env=dict(env), cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def _narrow_plans(plans_file: Path, width: int, batch_size: int) -> None:
+    """Make every configuration's network narrow (features ``width * 2**stage``) and batches small."""
+    plans = json.loads(plans_file.read_text())
+    for config in plans["configurations"].values():
+        if "architecture" not in config:
+            continue
+        kwargs = config["architecture"]["arch_kwargs"]
+        n = kwargs["n_stages"]
+        kwargs["features_per_stage"] = [min(width * 2**i, 8 * width) for i in range(n)]
+        config["batch_size"] = batch_size
+    plans_file.write_text(json.dumps(plans, indent=1))
+
+
+def build_model_folder(
+    root: Path,
+    *,
+    dataset_id: int,
+    dataset: str,
+    configuration: str,
+    folds: Sequence[str],
+    width: int = 4,
+    iterations: int = 2,
+) -> Path:
+    """Plan, preprocess and train one configuration; return the trained model folder.
+
+    Args:
+        root: Holds ``raw/`` (already written), ``preprocessed/`` and ``results/``.
+        dataset_id: The data set's number (``Dataset004_X`` is 4).
+        dataset: The data set's folder name under ``raw/``.
+        configuration: ``3d_fullres`` or ``2d``.
+        folds: Folds to train (``"0"``, ``"1"``, ``"all"``).
+        width: Features of the first stage.
+        iterations: Training iterations (one epoch).
+
+    Returns:
+        ``results/<dataset>/<trainer>__nnUNetPlans__<configuration>``.
+    """
+    env = nnunet_env(root)
+    plans_file = root / "preprocessed" / dataset / "nnUNetPlans.json"
+    if not plans_file.exists():
+        _run([str(BIN / "nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", "1"], env, root)
+        _run([str(BIN / "nnUNetv2_plan_experiment"), "-d", str(dataset_id)], env, root)
+        _narrow_plans(plans_file, width, batch_size=2)
+    if not (root / "preprocessed" / dataset / f"nnUNetPlans_{configuration}").exists():
+        prep = [str(BIN / "nnUNetv2_preprocess"), "-d", str(dataset_id), "-c", configuration, "-np", "1"]
+        _run(prep, env, root)
+    script = _TRAIN.format(trainer=TRAINER, iterations=iterations)
+    train_env = {**env, "nnUNet_n_proc_DA": "0"}  # data augmentation in the training process itself
+    for fold in folds:
+        _run([sys.executable, "-c", script, dataset, configuration, fold], train_env, root)
+    return root / "results" / dataset / f"{TRAINER}__nnUNetPlans__{configuration}"
+
+
+def copy_model_folder(folder: Path, dest: Path) -> Path:
+    """A private copy of a model folder (for tests that break one)."""
+    shutil.copytree(folder, dest)
+    return dest
+
+
+class _Float32Half:
+    """``torch`` as nnU-Net's predictor module sees it, with ``torch.half`` meaning float32."""
+
+    def __init__(self, torch_module: object) -> None:
+        self._torch = torch_module
+        self.half = torch_module.float32  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._torch, name)
+
+
+def nnunet_predictor(
+    folder: Path,
+    *,
+    folds: Sequence[str],
+    mirroring: bool = True,
+    checkpoint: str = "checkpoint_final.pth",
+    float32: bool = False,
+) -> object:
+    """nnU-Net's own ``nnUNetPredictor`` on ``folder`` (CPU; optionally float32 accumulators).
+
+    nnU-Net finds the trainer class by importing every trainer module, some of which need
+    torchvision; the trainer is given directly instead (its network building is nnU-Net's own).
+    """
+    import torch
+    from nnunetv2.inference import predict_from_raw_data as module
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    module.recursive_find_trainer_class_by_name = lambda name: nnUNetTrainer
+    module.torch = _Float32Half(torch) if float32 else torch
+    predictor = module.nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=mirroring,
+        device=torch.device("cpu"),
+        allow_tqdm=False,
+    )
+    predictor.initialize_from_trained_model_folder(
+        str(folder), use_folds=tuple(folds), checkpoint_name=checkpoint
+    )
+    return predictor
+
+
+def nnunet_predict(predictor: object, files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """nnU-Net's labels and probabilities for one case (SimpleITK's ``(z, y, x)`` order)."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    data, props = SimpleITKIO().read_images([str(f) for f in files])
+    seg, probs = predictor.predict_single_npy_array(data, props, None, None, True)  # type: ignore[attr-defined]
+    return np.asarray(seg), np.asarray(probs)
