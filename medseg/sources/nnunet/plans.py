@@ -279,7 +279,10 @@ class Plans:
         if parent is None:
             return entry
         if parent in seen or parent not in self.configurations:
-            msg = f"{self.source}: configuration '{name}' must inherit from another configuration, got '{parent}'"
+            msg = (
+                f"{self.source}: configuration '{name}' must inherit from another configuration, "
+                f"got '{parent}'"
+            )
             raise ConfigError(msg)
         merged = self._resolved(parent, (*seen, name))
         merged.update(entry)

@@ -109,7 +109,10 @@ def read_postprocessing(path: Path) -> Postprocessing:
         msg = f"{path} must be nnU-Net's (functions, kwargs) post-processing, got: {exc}"
         raise ConfigError(msg) from exc
     if len(fns) != len(kwargs) or any(f is not keep_largest_component for f in fns):
-        msg = f"{path} must pair each post-processing function with its arguments, got {len(fns)} and {len(kwargs)}"
+        msg = (
+            f"{path} must pair each largest-component step with its arguments, "
+            f"got {len(fns)} functions and {len(kwargs)} argument sets"
+        )
         raise ConfigError(msg)
     steps = []
     for item in kwargs:

@@ -227,8 +227,8 @@ class NnunetModel:
         if image.ndim != 4 or image.shape[0] != n:
             where = image.meta.get("filename_or_obj", "image") if hasattr(image, "meta") else "image"
             msg = (
-                f"{where}: image must have {n} channel(s) {list(self.dataset.channel_names)} as (C, X, Y, Z), "
-                f"got shape {tuple(image.shape)}"
+                f"{where}: image must have {n} channel(s) {list(self.dataset.channel_names)} "
+                f"as (C, X, Y, Z), got shape {tuple(image.shape)}"
             )
             raise InputError(msg)
         array = np.asarray(image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image)
@@ -293,7 +293,8 @@ class NnunetModel:
             probabilities = torch.sigmoid(values) if self.dataset.has_regions else torch.softmax(values, 0)
         dtype = np.uint8 if max(self.spec.labels.values()) < 255 else np.uint16
         if self.dataset.has_regions:
-            assert probabilities is not None and self.dataset.regions_class_order is not None
+            assert probabilities is not None
+            assert self.dataset.regions_class_order is not None
             crop_labels = np.zeros(values.shape[1:], dtype=dtype)
             for i, value in enumerate(self.dataset.regions_class_order):
                 crop_labels[(probabilities[i] > 0.5).numpy()] = value
@@ -322,6 +323,6 @@ def load_nnunet(locations: Sequence[str], *, device: str = "cpu", options: Mappi
         ConfigError: Several locations, or what :class:`NnunetModel` refuses.
     """
     if len(locations) != 1:
-        msg = f"nnunet: model must be one model folder (ensemble its folds with folds=...), got {len(locations)}"
+        msg = f"nnunet: model must be one model folder (its folds are the ensemble), got {len(locations)}"
         raise ConfigError(msg)
     return NnunetModel(locations[0], NnunetSettings.from_options(options), device=device)

@@ -32,7 +32,7 @@ ANISO_THRESHOLD = 3.0
 
 def new_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
     """The shape after resampling ``shape`` from ``spacing`` to ``target`` (rounded)."""
-    return tuple(int(round(s / t * n)) for s, t, n in zip(spacing, target, shape))
+    return tuple(round(s / t * n) for s, t, n in zip(spacing, target, shape))
 
 
 def _lowres_axes(spacing: Sequence[float]) -> list[int]:

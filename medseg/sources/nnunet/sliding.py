@@ -35,7 +35,7 @@ def window_starts(size: Sequence[int], patch: Sequence[int], step: float) -> lis
     """The start of every window along each axis (nnU-Net's ``compute_steps_for_sliding_window``)."""
     starts = []
     for n, p in zip(size, patch):
-        count = int(math.ceil((n - p) / (p * step))) + 1
+        count = math.ceil((n - p) / (p * step)) + 1
         stride = (n - p) / (count - 1) if count > 1 else 0.0
         starts.append([int(np.round(stride * i)) for i in range(count)])
     return starts
