@@ -62,6 +62,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+from medseg.cli_import import import_app  # noqa: E402 (after the app it joins)
+
+app.add_typer(import_app, name="import")
+
 EXIT_SOME_FAILED = 1
 EXIT_CANNOT_START = 2
 

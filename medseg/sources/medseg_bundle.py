@@ -24,7 +24,7 @@ def load_medseg_bundles(locations: Sequence[str], *, device: str = "cpu", option
     Args:
         locations: Bundle folders or MLflow URIs.
         device: Where the network runs.
-        options: See :data:`OPTIONS`.
+        options: See :data:`OPTIONS` (bundles imported from nnU-Net take the nnunet source's).
 
     Returns:
         The :class:`~medseg.pipeline.Predictor`.
@@ -33,13 +33,20 @@ def load_medseg_bundles(locations: Sequence[str], *, device: str = "cpu", option
         ConfigError: An option this source does not know.
     """
     from medseg.pipeline import Predictor
+    from medseg.sources.nnunet.bundle import is_nnunet_bundle
+    from medseg.tracking.models import is_mlflow_uri, resolve_bundle_uri
 
+    local = [resolve_bundle_uri(str(p)) if is_mlflow_uri(str(p)) else p for p in locations]
+    if local and all(is_nnunet_bundle(p) for p in local):  # imported by `medseg import nnunet`
+        from medseg.sources.nnunet import load_nnunet_model
+
+        return load_nnunet_model([str(p) for p in local], device=device, options=options)
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         msg = f"medseg model options must be among {list(OPTIONS)}, got {unknown}"
         raise ConfigError(msg)
     inference = InferenceOptions.from_mapping(options)
     predictor = Predictor.load_bundles(
-        *locations, device=device, refine=options.get("refine"), inference=inference
+        *local, device=device, refine=options.get("refine"), inference=inference
     )
     return predictor.switched(crf=options.get("crf"), postprocess=options.get("postprocess"))

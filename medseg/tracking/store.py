@@ -38,6 +38,7 @@ class RunKind(str, Enum):
     PREDICT = "predict"
     EVALUATE = "evaluate"
     PLAN = "plan"
+    IMPORT = "import"
 
     @classmethod
     def parse(cls, kind: RunKind | str) -> RunKind:

@@ -130,6 +130,12 @@ def open_model_folder(
             "<Trainer>__<Plans>__<configuration>/ with plans.json, dataset.json and fold_K/"
         )
         raise ConfigError(msg)
+    if (path / "bundle.json").is_file():
+        from medseg.sources.nnunet.bundle import is_nnunet_bundle, verify_bundle
+
+        if is_nnunet_bundle(path):  # an imported bundle keeps the chosen checkpoint under one name
+            verify_bundle(path)
+            name = CHECKPOINTS["final"]
     if folds is None:
         present = sorted(
             (p.name.removeprefix("fold_") for p in path.glob("fold_*") if (p / name).is_file()),
