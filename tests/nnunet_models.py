@@ -224,3 +224,63 @@ def nnunet_predict(predictor: object, files: Sequence[Path]) -> tuple[np.ndarray
     data, props = SimpleITKIO().read_images([str(f) for f in files])
     seg, probs = predictor.predict_single_npy_array(data, props, None, None, True)  # type: ignore[attr-defined]
     return np.asarray(seg), np.asarray(probs)
+
+
+def _ellipsoid(shape: Sequence[int], centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+
+
+def anisotropic_ct_case(case_id: str, seed: int, spacing: tuple[float, float, float]) -> RawCase:
+    """A CT phantom on a 0.7 x 0.7 x 5 mm-like grid: body, an organ (1) and a dense spot (2)."""
+    rng = np.random.default_rng(seed)
+    shape = (12, 40, 40)  # (z, y, x)
+    shift = rng.uniform(-2, 2, size=3)
+    image = np.full(shape, -1000.0, dtype=np.float32)
+    body = _ellipsoid(shape, (5.5, 20, 20), (9, 17, 15))
+    organ = _ellipsoid(shape, (5.5 + shift[0] / 2, 18 + shift[1], 16 + shift[2]), (3.5, 8, 7))
+    spot = _ellipsoid(shape, (6, 25 + shift[1], 26 - shift[2]), (1.5, 3.5, 3.5))
+    image[body] = 40.0
+    image[organ] = 120.0
+    image[spot] = 400.0
+    image += rng.normal(0, 25, size=shape).astype(np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[organ] = 1
+    label[spot] = 2
+    return RawCase(case_id, (image.round().astype(np.int16).astype(np.float32),), label, spacing)
+
+
+def two_channel_regions_case(case_id: str, seed: int, spacing: tuple[float, float, float]) -> RawCase:
+    """Two MR-like channels, zero outside a central box (crop and masked z-scores), nested regions."""
+    rng = np.random.default_rng(seed)
+    shape = (24, 28, 28)
+    inside = np.zeros(shape, dtype=bool)
+    inside[5:19, 5:23, 6:22] = True
+    shift = rng.uniform(-1.5, 1.5, size=3)
+    whole = _ellipsoid(shape, (12 + shift[0], 14 + shift[1], 14 + shift[2]), (5, 6, 5)) & inside
+    core = _ellipsoid(shape, (12 + shift[0], 14 + shift[1], 14 + shift[2]), (2.5, 3, 2.5)) & inside
+    t1 = np.where(inside, 100.0, 0.0) + np.where(whole, 60.0, 0.0) + np.where(core, 80.0, 0.0)
+    t2 = np.where(inside, 300.0, 0.0) - np.where(whole, 120.0, 0.0) + np.where(core, 40.0, 0.0)
+    t1 = (t1 + inside * rng.normal(0, 10, size=shape)).astype(np.float32)
+    t2 = (t2 + inside * rng.normal(0, 20, size=shape)).astype(np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[whole] = 1
+    label[core] = 2
+    return RawCase(case_id, (t1, t2), label, spacing)
+
+
+def write_case_images(case: RawCase, folder: Path) -> list[Path]:
+    """Write a case's channels as ``<case>_0000.nii.gz``, ... (a scan to segment); return the files."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for c, array in enumerate(case.channels):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(case.spacing)
+        image.SetDirection(case.direction)
+        image.SetOrigin((-4.0, 9.0, 2.5))
+        path = folder / f"{case.case_id}_{c:04d}.nii.gz"
+        sitk.WriteImage(image, str(path))
+        files.append(path)
+    return files

@@ -268,6 +268,24 @@ class NnunetModel:
         seconds["to_source"] = time.perf_counter() - t2 - seconds.get("postprocess", 0.0)
         return Prediction(labels, affine, probabilities, seconds)
 
+    def predict_files(self, files: Sequence[str | Path], *, keep_probabilities: bool = False) -> Any:
+        """Segment a case given as files: one per channel, or any one ``CASE_XXXX`` file of it.
+
+        Args:
+            files: The channel files in order, or one of them (the others are found by suffix).
+            keep_probabilities: Also return the probabilities.
+
+        Returns:
+            A :class:`medseg.pipeline.Prediction`.
+        """
+        from medseg.sources.nnunet.channels import channel_files, load_channels
+
+        n = len(self.dataset.channel_names)
+        paths = list(files)
+        if len(paths) == 1:
+            paths = channel_files(paths[0], n_channels=n, file_ending=self.dataset.file_ending)
+        return self.predict(load_channels(paths), keep_probabilities=keep_probabilities)
+
     def _to_source(
         self, logits: torch.Tensor, case: Preprocessed, keep_probabilities: bool
     ) -> tuple[np.ndarray, torch.Tensor | None]:
