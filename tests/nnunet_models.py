@@ -186,14 +186,9 @@ class _Float32Half:
 
 
 def nnunet_predictor(
-    folder: Path,
-    *,
-    folds: Sequence[str],
-    mirroring: bool = True,
-    checkpoint: str = "checkpoint_final.pth",
-    float32: bool = False,
+    folder: Path, *, folds: Sequence[str], mirroring: bool = True, checkpoint: str = "checkpoint_final.pth"
 ) -> object:
-    """nnU-Net's own ``nnUNetPredictor`` on ``folder`` (CPU; optionally float32 accumulators).
+    """nnU-Net's own ``nnUNetPredictor`` on ``folder`` (CPU).
 
     nnU-Net finds the trainer class by importing every trainer module, some of which need
     torchvision; the trainer is given directly instead (its network building is nnU-Net's own).
@@ -203,7 +198,6 @@ def nnunet_predictor(
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     module.recursive_find_trainer_class_by_name = lambda name: nnUNetTrainer
-    module.torch = _Float32Half(torch) if float32 else torch
     predictor = module.nnUNetPredictor(
         tile_step_size=0.5,
         use_gaussian=True,
@@ -217,12 +211,27 @@ def nnunet_predictor(
     return predictor
 
 
-def nnunet_predict(predictor: object, files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """nnU-Net's labels and probabilities for one case (SimpleITK's ``(z, y, x)`` order)."""
+def nnunet_predict(
+    predictor: object, files: Sequence[Path], *, float32: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """nnU-Net's labels and probabilities for one case (SimpleITK's ``(z, y, x)`` order).
+
+    Args:
+        predictor: From :func:`nnunet_predictor`.
+        files: The case's channel files.
+        float32: Accumulate window logits in float32 (nnU-Net's own code, with ``torch.half``
+            meaning float32 in its module) instead of float16.
+    """
+    import torch
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference import predict_from_raw_data as module
 
     data, props = SimpleITKIO().read_images([str(f) for f in files])
-    seg, probs = predictor.predict_single_npy_array(data, props, None, None, True)  # type: ignore[attr-defined]
+    module.torch = _Float32Half(torch) if float32 else torch
+    try:
+        seg, probs = predictor.predict_single_npy_array(data, props, None, None, True)  # type: ignore[attr-defined]
+    finally:
+        module.torch = torch
     return np.asarray(seg), np.asarray(probs)
 
 
