@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,dicom,rtstruct,plots,distributed,server,pacs]'
+	echo torch==2.13.0 > $(VENV)/torch-pin.txt && $(PY) -m pip install -q -c $(VENV)/torch-pin.txt -e '.[nnunet]' nnunetv2
 	$(MAKE) --no-print-directory check-torch
 	touch $(STAMP)
 

@@ -135,7 +135,7 @@ def build_model_folder(
     dataset: str,
     configuration: str,
     folds: Sequence[str],
-    width: int = 4,
+    width: int | None = 4,
     iterations: int = 2,
 ) -> Path:
     """Plan, preprocess and train one configuration; return the trained model folder.
@@ -146,7 +146,7 @@ def build_model_folder(
         dataset: The data set's folder name under ``raw/``.
         configuration: ``3d_fullres`` or ``2d``.
         folds: Folds to train (``"0"``, ``"1"``, ``"all"``).
-        width: Features of the first stage.
+        width: Features of the first stage (``None``: the network as nnU-Net planned it).
         iterations: Training iterations (one epoch).
 
     Returns:
@@ -157,7 +157,8 @@ def build_model_folder(
     if not plans_file.exists():
         _run([str(BIN / "nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", "1"], env, root)
         _run([str(BIN / "nnUNetv2_plan_experiment"), "-d", str(dataset_id)], env, root)
-        _narrow_plans(plans_file, width, batch_size=2)
+        if width is not None:
+            _narrow_plans(plans_file, width, batch_size=2)
     if not (root / "preprocessed" / dataset / f"nnUNetPlans_{configuration}").exists():
         prep = [str(BIN / "nnUNetv2_preprocess"), "-d", str(dataset_id), "-c", configuration, "-np", "1"]
         _run(prep, env, root)
