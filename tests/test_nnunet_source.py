@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -448,3 +449,15 @@ def test_postprocessing_pickle_is_read_without_running_code(tmp_path: Path) -> N
     path.write_bytes(pickle.dumps(([print], [{"labels_or_regions": 1}])))
     with pytest.raises(ConfigError, match=r"postprocessing\.pkl may name only .*got builtins\.print"):
         read_postprocessing(path)
+
+
+def test_dicom_series_voxel_order_is_simpleitks(
+    sitk_read_series: Callable[[Path], tuple[np.ndarray, np.ndarray]],
+) -> None:
+    """nnU-Net reads DICOM through SimpleITK: medseg's (X, Y, Z) must be SimpleITK's stacking, reversed."""
+    from medseg.io import load_image
+
+    folder = shared("mr_study", "13_HCropVolume")
+    expected, _ = sitk_read_series(folder)
+    image = load_image(folder)
+    assert np.array_equal(image.as_tensor()[0].numpy(), expected)

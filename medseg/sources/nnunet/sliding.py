@@ -76,45 +76,57 @@ class SlidingTimings:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def mirror_batch_size(patch: Sequence[int], passes: int) -> int:
-    """How many mirrored copies of a window go through the network at once.
+def network_batch_size(patch: Sequence[int]) -> int:
+    """How many inputs (windows, and their mirrored copies) go through the network at once.
 
-    Batching the copies gives the same logits (every layer treats batch members alone) in fewer,
-    larger calls; the batch is capped at about 2**21 input voxels to bound the activations.
+    Batching gives the same logits (every layer treats batch members alone) in fewer, larger calls;
+    the batch is capped at about 2**19 input voxels, and 64 inputs, to bound the activations.
 
     Examples:
-        >>> mirror_batch_size((40, 56, 40), 8)
-        8
-        >>> mirror_batch_size((128, 128, 128), 8)
+        >>> network_batch_size((40, 56, 40))
+        5
+        >>> network_batch_size((128, 128, 128))
         1
     """
-    return max(1, min(passes, (1 << 21) // math.prod(patch)))
+    return max(1, min(64, (1 << 19) // math.prod(patch)))
 
 
-def _predict_window(
-    network: torch.nn.Module, x: torch.Tensor, mirror_axes: Sequence[int], timings: SlidingTimings
-) -> torch.Tensor:
-    """The window's logits, averaged over the mirrored copies as nnU-Net averages them."""
-    t0 = time.perf_counter()
+def _mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """The unflipped input, then every combination of flips, in nnU-Net's order (tensor dims)."""
     axes = [a + 2 for a in mirror_axes]
-    combos: list[tuple[int, ...]] = [()]
-    combos += [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
-    batch = mirror_batch_size(x.shape[2:], len(combos))
-    out: torch.Tensor | None = None
-    for first in range(0, len(combos), batch):
-        group = combos[first : first + batch]
-        inputs = torch.cat([torch.flip(x, dims) if dims else x for dims in group])
+    return [(), *[c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]]
+
+
+def _predict_windows(
+    network: torch.nn.Module,
+    windows: Sequence[torch.Tensor],
+    mirror_axes: Sequence[int],
+    batch: int,
+    timings: SlidingTimings,
+) -> list[torch.Tensor]:
+    """Each window's logits, averaged over its mirrored copies as nnU-Net averages them."""
+    t0 = time.perf_counter()
+    combos = _mirror_combinations(mirror_axes)
+    jobs = [(i, dims) for i in range(len(windows)) for dims in combos]
+    outs: list[torch.Tensor | None] = [None] * len(windows)
+    for first in range(0, len(jobs), batch):
+        group = jobs[first : first + batch]
+        inputs = torch.cat([torch.flip(windows[i], dims) if dims else windows[i] for i, dims in group])
         preds = network(inputs)
-        for k, dims in enumerate(group):
+        for k, (i, dims) in enumerate(group):
             pred = preds[k : k + 1]
             pred = torch.flip(pred, dims) if dims else pred
-            out = pred.clone() if out is None else out.add_(pred)
-    assert out is not None
-    if len(combos) > 1:
-        out /= len(combos)
+            current = outs[i]
+            outs[i] = pred.clone() if current is None else current.add_(pred)
+    result = []
+    for out in outs:
+        assert out is not None
+        if len(combos) > 1:
+            out /= len(combos)
+        result.append(out[0])
     timings.forward += time.perf_counter() - t0
-    timings.windows += 1
-    return out[0]
+    timings.windows += len(windows)
+    return result
 
 
 @torch.inference_mode()
@@ -157,16 +169,21 @@ def sliding_window_logits(
             slicers.extend((d, *window) for d in range(spatial[0]))
         else:
             slicers.append(window)
+    batch = network_batch_size(patch_size)
+    per_call = max(1, batch // len(_mirror_combinations(mirror_axes)))
     total: torch.Tensor | None = None
     for network in networks:
         logits = torch.zeros((num_heads, *spatial), dtype=torch.float32)
         counts = torch.zeros(spatial, dtype=torch.float32)
-        for sl in slicers:
-            x = image[(slice(None), *sl)][None].to(device)
-            pred = _predict_window(network, x, mirror_axes, timings).to("cpu", torch.float32)
-            pred *= weights
-            logits[(slice(None), *sl)] += pred
-            counts[sl] += weights
+        for first in range(0, len(slicers), per_call):
+            chunk = slicers[first : first + per_call]
+            windows = [image[(slice(None), *sl)][None].to(device) for sl in chunk]
+            preds = _predict_windows(network, windows, mirror_axes, batch, timings)
+            for sl, pred in zip(chunk, preds):
+                pred = pred.to("cpu", torch.float32)
+                pred *= weights
+                logits[(slice(None), *sl)] += pred
+                counts[sl] += weights
         logits /= counts
         total = logits if total is None else total.add_(logits)
     assert total is not None
