@@ -30,17 +30,18 @@ torch.set_num_threads(1)
 # the trainer class is imported directly: nnU-Net's search by name imports every trainer module,
 # some of which need torchvision
 from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import {trainer}
-dataset, configuration, fold = sys.argv[1], sys.argv[2], sys.argv[3]
-fold = fold if fold == "all" else int(fold)
-base = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
-plans = json.load(open(os.path.join(base, "nnUNetPlans.json")))
-plans["continue_training"] = False
-dataset_json = json.load(open(os.path.join(base, "dataset.json")))
-trainer = {trainer}(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
-                    device=torch.device("cpu"))
-trainer.num_iterations_per_epoch = {iterations}
-trainer.num_val_iterations_per_epoch = 1
-trainer.run_training()
+for job in sys.argv[1:]:
+    dataset, configuration, fold = job.split(":")
+    fold = fold if fold == "all" else int(fold)
+    base = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
+    plans = json.load(open(os.path.join(base, "nnUNetPlans.json")))
+    plans["continue_training"] = False
+    dataset_json = json.load(open(os.path.join(base, "dataset.json")))
+    trainer = {trainer}(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
+                        device=torch.device("cpu"))
+    trainer.num_iterations_per_epoch = {iterations}
+    trainer.num_val_iterations_per_epoch = 1
+    trainer.run_training()
 """
 
 
@@ -128,6 +129,51 @@ def _narrow_plans(plans_file: Path, width: int, batch_size: int) -> None:
     plans_file.write_text(json.dumps(plans, indent=1))
 
 
+def build_models(
+    root: Path,
+    *,
+    datasets: Mapping[int, str],
+    runs: Sequence[tuple[str, str, str]],
+    width: int | None = 4,
+    iterations: int = 2,
+) -> dict[tuple[str, str], Path]:
+    """Plan, preprocess and train several data sets at once (one process per nnU-Net step).
+
+    Args:
+        root: Holds ``raw/`` (already written), ``preprocessed/`` and ``results/``.
+        datasets: Data set number to folder name under ``raw/`` (``4: "Dataset004_X"``).
+        runs: ``(dataset folder, configuration, fold)`` to train (``3d_fullres``/``2d``;
+            ``"0"``, ``"1"``, ``"all"``).
+        width: Features of the first stage (``None``: the networks as nnU-Net planned them).
+        iterations: Training iterations (one epoch).
+
+    Returns:
+        ``(dataset, configuration)`` to ``results/<dataset>/<trainer>__nnUNetPlans__<configuration>``.
+    """
+    env = nnunet_env(root)
+    ids = [str(i) for i in datasets]
+    _run([str(BIN / "nnUNetv2_extract_fingerprint"), "-d", *ids, "-np", "1"], env, root)
+    _run([str(BIN / "nnUNetv2_plan_experiment"), "-d", *ids], env, root)
+    if width is not None:
+        for name in datasets.values():
+            _narrow_plans(root / "preprocessed" / name / "nnUNetPlans.json", width, batch_size=2)
+    configurations = sorted({c for _, c, _ in runs})
+    prep = [
+        str(BIN / "nnUNetv2_preprocess"),
+        "-d",
+        *ids,
+        "-c",
+        *configurations,
+        "-np",
+        *["1"] * len(configurations),
+    ]
+    _run(prep, env, root)
+    script = _TRAIN.format(trainer=TRAINER, iterations=iterations)
+    train_env = {**env, "nnUNet_n_proc_DA": "0"}  # data augmentation in the training process itself
+    _run([sys.executable, "-c", script, *(":".join(r) for r in runs)], train_env, root)
+    return {(d, c): root / "results" / d / f"{TRAINER}__nnUNetPlans__{c}" for d, c, _ in runs}
+
+
 def build_model_folder(
     root: Path,
     *,
@@ -138,35 +184,12 @@ def build_model_folder(
     width: int | None = 4,
     iterations: int = 2,
 ) -> Path:
-    """Plan, preprocess and train one configuration; return the trained model folder.
-
-    Args:
-        root: Holds ``raw/`` (already written), ``preprocessed/`` and ``results/``.
-        dataset_id: The data set's number (``Dataset004_X`` is 4).
-        dataset: The data set's folder name under ``raw/``.
-        configuration: ``3d_fullres`` or ``2d``.
-        folds: Folds to train (``"0"``, ``"1"``, ``"all"``).
-        width: Features of the first stage (``None``: the network as nnU-Net planned it).
-        iterations: Training iterations (one epoch).
-
-    Returns:
-        ``results/<dataset>/<trainer>__nnUNetPlans__<configuration>``.
-    """
-    env = nnunet_env(root)
-    plans_file = root / "preprocessed" / dataset / "nnUNetPlans.json"
-    if not plans_file.exists():
-        _run([str(BIN / "nnUNetv2_extract_fingerprint"), "-d", str(dataset_id), "-np", "1"], env, root)
-        _run([str(BIN / "nnUNetv2_plan_experiment"), "-d", str(dataset_id)], env, root)
-        if width is not None:
-            _narrow_plans(plans_file, width, batch_size=2)
-    if not (root / "preprocessed" / dataset / f"nnUNetPlans_{configuration}").exists():
-        prep = [str(BIN / "nnUNetv2_preprocess"), "-d", str(dataset_id), "-c", configuration, "-np", "1"]
-        _run(prep, env, root)
-    script = _TRAIN.format(trainer=TRAINER, iterations=iterations)
-    train_env = {**env, "nnUNet_n_proc_DA": "0"}  # data augmentation in the training process itself
-    for fold in folds:
-        _run([sys.executable, "-c", script, dataset, configuration, fold], train_env, root)
-    return root / "results" / dataset / f"{TRAINER}__nnUNetPlans__{configuration}"
+    """Plan, preprocess and train one configuration of one data set; return its model folder."""
+    runs = [(dataset, configuration, f) for f in folds]
+    folders = build_models(
+        root, datasets={dataset_id: dataset}, runs=runs, width=width, iterations=iterations
+    )
+    return folders[(dataset, configuration)]
 
 
 def copy_model_folder(folder: Path, dest: Path) -> Path:
