@@ -194,10 +194,8 @@ def test_3d_fullres_without_mirroring_best_checkpoint_matches_nnunet(
 
 
 @pytest.mark.slow
-def test_2d_configuration_without_mirroring_matches_nnunet(
-    hippo_2d: Path, hippo_scans: list[list[Path]]
-) -> None:
-    _agree(hippo_2d, hippo_scans[1], folds=["0"], mirroring=False, stock=True)
+def test_2d_configuration_matches_nnunet(hippo_2d: Path, hippo_scans: list[list[Path]]) -> None:
+    _agree(hippo_2d, hippo_scans[1], folds=["0"])
 
 
 @pytest.mark.slow
