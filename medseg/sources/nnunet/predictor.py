@@ -112,25 +112,36 @@ class NnunetSettings:
         )
 
 
-def _spec(info: DatasetInfo, name: str, codes: Path | None) -> DatasetSpec:
-    """A :class:`DatasetSpec` for exports: channels and labels from ``dataset.json``."""
-    from medseg.config.base import read_yaml
+_MR_NAMES = ("MR", "MRI", "T1", "T2", "T1CE", "T1GD", "FLAIR", "ADC", "DWI", "PD")
 
-    channels = [{"name": c, "modality": "CT" if c.upper() == "CT" else "OTHER"} for c in info.channel_names]
+
+def _modality(channel: str) -> str:
+    name = channel.strip().upper()
+    return "CT" if name == "CT" else "MR" if name in _MR_NAMES else "OTHER"
+
+
+def _spec(info: DatasetInfo, name: str, codes: Path | None) -> DatasetSpec:
+    """A :class:`DatasetSpec` for exports and checks: channels and labels from ``dataset.json``.
+
+    Its cases are nnU-Net's file naming (``imagesTs/{case}_0000<ending>``, one pattern per channel).
+    """
+    from pydantic import ValidationError
+
+    from medseg.config.base import format_validation_error, read_yaml
+
+    n = len(info.channel_names)
     data: dict[str, Any] = {
         "name": name,
-        "channels": channels,
+        "channels": [{"name": c, "modality": _modality(c)} for c in info.channel_names],
         "labels": info.output_labels,
-        "cases": [{"id": "none", "images": ["none"] * len(channels)}],
+        "case_patterns": {"images": [f"imagesTs/{{case}}_{c:04d}{info.file_ending}" for c in range(n)]},
     }
     if codes is not None:
         data["label_codes"] = read_yaml(codes)
     try:
         return DatasetSpec.model_validate(data)
-    except ValueError as exc:
-        where = codes if codes is not None else "dataset.json"
-        msg = f"{where}: labels must make a valid data spec, got {exc}"
-        raise ConfigError(msg) from exc
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(codes or "dataset.json"))) from exc
 
 
 class NnunetModel:
