@@ -452,3 +452,21 @@ def test_dicom_series_voxel_order_is_simpleitks(
     expected, _ = sitk_read_series(folder)
     image = load_image(folder)
     assert np.array_equal(image.as_tensor()[0].numpy(), expected)
+
+
+@pytest.mark.slow
+def test_label_codes_file_reaches_the_spec(hippo_3d: Path, tmp_path: Path) -> None:
+    codes = tmp_path / "codes.yaml"
+    codes.write_text(
+        "Anterior:\n"
+        "  category: {value: '91723000', meaning: Anatomical Structure}\n"
+        "  property_type: {value: '5366008', meaning: Hippocampus}\n"
+    )
+    model = load_model([f"nnunet:{hippo_3d}"], options={"folds": "0", "label_codes": str(codes)})
+    assert model.spec.label_codes["Anterior"].property_type.meaning == "Hippocampus"
+    assert model.spec.label_names == {0: "background", 1: "Anterior", 2: "Posterior"}
+    codes.write_text(
+        "Left:\n  category: {value: '1', meaning: A}\n  property_type: {value: '2', meaning: B}\n"
+    )
+    with pytest.raises(ConfigError, match=r"codes\.yaml: .*label_codes must name foreground labels"):
+        load_model([f"nnunet:{hippo_3d}"], options={"folds": "0", "label_codes": str(codes)})
