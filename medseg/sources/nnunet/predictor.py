@@ -22,6 +22,7 @@ import torch
 
 from medseg.config.spec import DatasetSpec
 from medseg.errors import ConfigError, InputError
+from medseg.labelmap import label_dtype
 from medseg.sources.models import ModelDescription
 from medseg.sources.nnunet.checkpoint import Checkpoint, load_checkpoint
 from medseg.sources.nnunet.folder import ModelFolder, open_model_folder, parse_folds
@@ -231,8 +232,8 @@ class NnunetModel:
         Raises:
             InputError: Wrong channel count or dimensionality, or non-finite voxels.
         """
+        from medseg.geometry import spacing_from_affine
         from medseg.pipeline import Prediction
-        from medseg.preprocess import spacing_from_affine
 
         n = len(self.dataset.channel_names)
         if image.ndim != 4 or image.shape[0] != n:
@@ -320,7 +321,7 @@ class NnunetModel:
         probabilities = None
         if self.dataset.has_regions or keep_probabilities:
             probabilities = torch.sigmoid(values) if self.dataset.has_regions else torch.softmax(values, 0)
-        dtype = np.uint8 if max(self.spec.labels.values()) < 255 else np.uint16
+        dtype = label_dtype(self.spec.num_classes)
         if self.dataset.has_regions:
             assert probabilities is not None
             assert self.dataset.regions_class_order is not None
