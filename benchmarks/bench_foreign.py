@@ -18,10 +18,13 @@ Each side runs in its own process, one after the other, on the same scans and mo
 
 Peak memory is the largest sum of resident sets over the process and all its descendants, sampled
 every 20 ms from ``/proc`` (nnU-Net forks workers). ``label_agreement`` is the fraction of voxels
-whose labels agree over all scans.
+whose labels agree over all scans; ``label_agreement_confident`` the same over the voxels where
+nnU-Net's top-2 probability margin is at least 0.02 (from one more, untimed nnU-Net run that keeps
+its probabilities).
 
 Printed: one JSON line per scenario with ``nnunet_s``, ``medseg_s``, ``time_ratio``
 (medseg / nnU-Net), ``nnunet_peak_mb``, ``medseg_peak_mb``, ``mem_ratio``, ``label_agreement``,
+``label_agreement_confident``,
 ``nnunet_network_share`` and ``medseg_network_share`` (the network's share of each side's time).
 
 Examples:
@@ -155,16 +158,22 @@ def _run_measured(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     return {"seconds": seconds, "peak_mb": peak[0], "network_s": network}
 
 
-def _agreement(a: Path, b: Path) -> float:
+def _agreement(a: Path, b: Path, probabilities: Path) -> tuple[float, float]:
+    """Label agreement over every voxel, and over the voxels where nnU-Net's top-2 margin >= 0.02."""
     import SimpleITK as sitk
 
-    same = total = 0
+    same = total = same_sure = sure = 0
     for file in sorted(a.glob("*.nii.gz")):
         x = sitk.GetArrayFromImage(sitk.ReadImage(str(file)))
         y = sitk.GetArrayFromImage(sitk.ReadImage(str(b / file.name)))
+        probs = np.load(probabilities / file.name.replace(".nii.gz", ".npz"))["probabilities"]
+        top = np.sort(probs, axis=0)
+        confident = (top[-1] - top[-2]) >= 0.02
         same += int((x == y).sum())
         total += x.size
-    return same / total
+        same_sure += int((x == y)[confident].sum())
+        sure += int(confident.sum())
+    return same / total, same_sure / max(sure, 1)
 
 
 def compare(
@@ -183,6 +192,11 @@ def compare(
         [sys.executable, "-c", _MEDSEG, str(folder), str(scans), str(out_ms), folds, str(mirroring).lower()],
         env,
     )
+    # untimed: nnU-Net once more, keeping its probabilities, for the agreement where it is confident
+    out_pr = work / f"{name}-nnunet-probabilities"
+    out_pr.mkdir()
+    _run_measured([*nn_args[:7], str(out_pr), *nn_args[8:], "--save_probabilities"], env)
+    overall, confident = _agreement(out_nn, out_ms, out_pr)
     return {
         "scenario": name,
         "nnunet_s": round(nnunet["seconds"], 2),
@@ -191,7 +205,8 @@ def compare(
         "nnunet_peak_mb": round(nnunet["peak_mb"], 1),
         "medseg_peak_mb": round(medseg["peak_mb"], 1),
         "mem_ratio": round(medseg["peak_mb"] / max(nnunet["peak_mb"], 1e-9), 3),
-        "label_agreement": round(_agreement(out_nn, out_ms), 6),
+        "label_agreement": round(overall, 6),
+        "label_agreement_confident": round(confident, 6),
         "nnunet_network_share": round(nnunet["network_s"] / nnunet["seconds"], 3),
         "medseg_network_share": round(medseg["network_s"] / medseg["seconds"], 3),
     }
