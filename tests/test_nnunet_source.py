@@ -218,7 +218,13 @@ def test_two_channel_region_model_matches_nnunet(regions_2ch: Path, tmp_path: Pa
     assert model.spec.labels == {"background": 0, "whole": 1, "core": 2}
     assert [c.name for c in model.spec.channels] == ["T1", "T2"]
     # one file of the case names the others by their _XXXX suffix
-    assert np.array_equal(model.predict_files([files[1]]).labels, model.predict_files(files).labels)
+    from medseg.io import load_image
+
+    expected = model.predict_files(files).labels
+    assert np.array_equal(model.predict_files([files[1]]).labels, expected)
+    assert np.array_equal(model.predict(load_image(files[0])).labels, expected)  # as a batch loads it
+    with pytest.raises(InputError, match=r"scan_0001\.nii\.gz: is channel 1 of case 'scan'"):
+        model.predict(load_image(files[1]))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -236,8 +236,10 @@ class NnunetModel:
         from medseg.pipeline import Prediction
 
         n = len(self.dataset.channel_names)
+        where = str(image.meta.get("filename_or_obj", "image")) if hasattr(image, "meta") else "image"
+        if image.ndim == 4 and image.shape[0] == 1 and n > 1 and Path(where).is_file():
+            image = self._sibling_channels(Path(where), image)
         if image.ndim != 4 or image.shape[0] != n:
-            where = image.meta.get("filename_or_obj", "image") if hasattr(image, "meta") else "image"
             msg = (
                 f"{where}: image must have {n} channel(s) {list(self.dataset.channel_names)} "
                 f"as (C, X, Y, Z), got shape {tuple(image.shape)}"
@@ -279,6 +281,18 @@ class NnunetModel:
         seconds.update(preprocess=t1 - t0, model=t2 - t1, network=timings.forward)
         seconds["to_source"] = time.perf_counter() - t2 - seconds.get("postprocess", 0.0)
         return Prediction(labels, affine, probabilities, seconds)
+
+    def _sibling_channels(self, path: Path, image: Any) -> Any:
+        """A multi-channel case given by its ``_0000`` file: the other channel files, stacked."""
+        from medseg.sources.nnunet.channels import channel_files, load_channels, split_channel_name
+
+        parsed = split_channel_name(path.name, self.dataset.file_ending)
+        if parsed is None:
+            return image
+        if parsed[1] != 0:
+            msg = f"{path}: is channel {parsed[1]} of case '{parsed[0]}', segmented from its _0000 file"
+            raise InputError(msg)
+        return load_channels(channel_files(path, n_channels=len(self.dataset.channel_names)))
 
     def predict_files(self, files: Sequence[str | Path], *, keep_probabilities: bool = False) -> Any:
         """Segment a case given as files: one per channel, or any one ``CASE_XXXX`` file of it.
