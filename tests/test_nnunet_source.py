@@ -303,13 +303,17 @@ def test_checkpoint_of_another_architecture_is_refused(
 
 
 @pytest.mark.slow
-def test_wrong_channel_count_is_refused(regions_2ch: Path, hippo_scans: list[list[Path]]) -> None:
+def test_wrong_channel_count_is_refused(
+    regions_2ch: Path, hippo_scans: list[list[Path]], tmp_path: Path
+) -> None:
     from medseg.io import load_image
 
     model = load_model([f"nnunet:{regions_2ch}"])
-    with pytest.raises(
-        InputError, match=r"moved_0000\.nii\.gz: image must have 2 channel\(s\) \['T1', 'T2'\]"
-    ):
+    plain = tmp_path / "plain.nii.gz"
+    shutil.copy(hippo_scans[1][0], plain)
+    with pytest.raises(InputError, match=r"plain\.nii\.gz: image must have 2 channel\(s\) \['T1', 'T2'\]"):
+        model.predict(load_image(plain))
+    with pytest.raises(InputError, match=r"moved_0000\.nii\.gz: case 'moved' must have 2 channel file\(s\)"):
         model.predict(load_image(hippo_scans[1][0]))
 
 
