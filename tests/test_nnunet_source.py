@@ -480,3 +480,25 @@ def test_label_codes_file_reaches_the_spec(hippo_3d: Path, tmp_path: Path) -> No
     )
     with pytest.raises(ConfigError, match=r"codes\.yaml: .*label_codes must name foreground labels"):
         load_model([f"nnunet:{hippo_3d}"], options={"folds": "0", "label_codes": str(codes)})
+
+
+@pytest.mark.slow
+def test_postprocessing_pkl_is_applied_when_asked_and_recorded(
+    hippo_3d: Path, hippo_scans: list[list[Path]], tmp_path: Path
+) -> None:
+    from nnunetv2.postprocessing.remove_connected_components import (
+        apply_postprocessing,
+        remove_all_but_largest_component_from_segmentation,
+    )
+
+    folder = copy_model_folder(hippo_3d, tmp_path / hippo_3d.name)
+    fns = [remove_all_but_largest_component_from_segmentation]
+    kwargs = [{"labels_or_regions": [1, 2], "background_label": 0}]
+    (folder / "postprocessing.pkl").write_bytes(pickle.dumps((fns, kwargs)))  # as nnU-Net saves it
+    options = {"folds": "0", "mirroring": False}
+    plain = load_model([f"nnunet:{folder}"], options=options)
+    post = load_model([f"nnunet:{folder}"], options={**options, "postprocess": True})
+    assert plain.describe().params["postprocessing"] == "not applied"
+    assert post.describe().params["postprocessing"] == "keep largest [1, 2]"
+    raw = plain.predict_files(hippo_scans[0]).labels
+    assert np.array_equal(post.predict_files(hippo_scans[0]).labels, apply_postprocessing(raw, fns, kwargs))

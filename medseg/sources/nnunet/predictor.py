@@ -61,6 +61,9 @@ class NnunetSettings:
         configuration: Which configuration of a zip holding several.
         trainers: Trainer names accepted besides nnU-Net's stock ones.
         label_codes: A YAML/JSON file of DICOM codes per label name (for SEG), or ``None``.
+
+    ``load_model``'s ``postprocess`` (the batch's ``--postprocess`` switch) sets ``postprocessing``;
+    ``crf`` may only be off.
     """
 
     folds: tuple[str, ...] | None = None
@@ -80,6 +83,8 @@ class NnunetSettings:
             ConfigError: An unknown option or a bad value.
         """
         known = {
+            "crf",
+            "postprocess",
             "folds",
             "checkpoint",
             "mirroring",
@@ -93,6 +98,11 @@ class NnunetSettings:
         if unknown:
             msg = f"nnU-Net model options must be among {sorted(known)}, got {unknown}"
             raise ConfigError(msg)
+        if options.get("crf") not in (None, False):
+            msg = f"option crf must be off for nnU-Net models (they have no CRF), got {options['crf']!r}"
+            raise ConfigError(msg)
+        if options.get("postprocess") is not None:  # the batch's switch: nnU-Net's postprocessing.pkl
+            options = {"postprocessing": options["postprocess"], **options}
         step = float(options.get("step", 0.5))
         if not 0 < step <= 1:
             msg = f"option step must be > 0 and <= 1, got {step}"
