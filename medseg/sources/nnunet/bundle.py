@@ -54,7 +54,7 @@ def is_nnunet_bundle(path: str | Path) -> bool:
     if not manifest.is_file():
         return False
     try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT
+        return bool(json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT)
     except (OSError, ValueError):
         return False
 

@@ -35,7 +35,7 @@ _KEEP_LARGEST = (
 def _mask(segmentation: np.ndarray, label_or_region: int | Sequence[int]) -> np.ndarray:
     if isinstance(label_or_region, (list, tuple)):
         return np.isin(segmentation, list(label_or_region))
-    return segmentation == label_or_region
+    return np.asarray(segmentation == label_or_region)
 
 
 def keep_largest_component(

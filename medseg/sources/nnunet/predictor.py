@@ -317,9 +317,9 @@ class NnunetModel:
         from medseg.sources.nnunet.channels import channel_files, load_channels
 
         n = len(self.dataset.channel_names)
-        paths = list(files)
+        paths: list[str | Path] = list(files)
         if len(paths) == 1:
-            paths = channel_files(paths[0], n_channels=n, file_ending=self.dataset.file_ending)
+            paths = list(channel_files(paths[0], n_channels=n, file_ending=self.dataset.file_ending))
         return self.predict(load_channels(paths), keep_probabilities=keep_probabilities)
 
     def _to_source(

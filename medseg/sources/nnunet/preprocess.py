@@ -53,7 +53,7 @@ def nonzero_mask(data: np.ndarray) -> np.ndarray:
     mask = data[0] != 0
     for c in range(1, data.shape[0]):
         mask |= data[c] != 0
-    return binary_fill_holes(mask)
+    return np.asarray(binary_fill_holes(mask))
 
 
 def nonzero_bbox(data: np.ndarray, mask: np.ndarray | None = None) -> Box:

@@ -64,14 +64,14 @@ def resize(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     out = ndimage.zoom(data, [1 / f for f in factors], order=order, mode="nearest", grid_mode=True)
     if order > 0:  # skimage clips interpolated values to the input's range
         np.clip(out, data.min(), data.max(), out=out)
-    return out
+    return np.asarray(out)
 
 
 def _along_axis(volume: np.ndarray, shape: Sequence[int], order_z: int) -> np.ndarray:
     """Resample a volume to ``shape`` by ``map_coordinates`` (only one axis actually changes)."""
     grids = np.mgrid[tuple(slice(0, n) for n in shape)].astype(np.float64)
     coords = [(float(old) / new) * (grid + 0.5) - 0.5 for grid, old, new in zip(grids, volume.shape, shape)]
-    return ndimage.map_coordinates(volume, np.array(coords), order=order_z, mode="nearest")
+    return np.asarray(ndimage.map_coordinates(volume, np.array(coords), order=order_z, mode="nearest"))
 
 
 def resample_to_shape(
