@@ -236,6 +236,21 @@ def train(
         typer.echo(f"registered as models:/{register}/{version}")
 
 
+def _foreign_model_options(
+    folds: str | None, checkpoint: str | None, label_codes: Path | None, pairs: list[str] | None
+) -> dict[str, str]:
+    """The model source's options from ``predict``'s flags and ``--model-option KEY=VALUE`` pairs."""
+    options = {k: v for k, v in (("folds", folds), ("checkpoint", checkpoint)) if v is not None}
+    if label_codes is not None:
+        options["label_codes"] = str(label_codes)
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--model-option must be KEY=VALUE, got '{pair}'")
+        options[key.strip()] = value.strip()
+    return options
+
+
 @app.command()
 def predict(
     source: Annotated[
@@ -336,6 +351,21 @@ def predict(
             "_target_); without it such configs are refused, naming the keys.",
         ),
     ] = False,
+    folds: Annotated[
+        str | None,
+        typer.Option(help="nnunet: models: the folds to ensemble, e.g. 0,1,2 (default: every fold present)."),
+    ] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="nnunet: models: the checkpoint, final or best (default: final).")
+    ] = None,
+    label_codes: Annotated[
+        Path | None,
+        typer.Option(help="YAML of DICOM codes per label name (for SEG) where the model has none (nnunet:)."),
+    ] = None,
+    model_option: Annotated[
+        list[str] | None,
+        typer.Option("--model-option", help="KEY=VALUE for the model source (repeat), e.g. mirroring=false."),
+    ] = None,
 ) -> None:
     """Segment scans; write each label map on its scan's own voxel grid, with a manifest.
 
@@ -393,7 +423,10 @@ def predict(
                 ray=ray_settings,
                 source_options=options,
                 destination=destination,
-                model_options=_model_options(precision, batch_size, memory_format, trust_model_code),
+                model_options={
+                    **_model_options(precision, batch_size, memory_format, trust_model_code),
+                    **_foreign_model_options(folds, checkpoint, label_codes, model_option),
+                },
             ),
             echo=typer.echo,
         )

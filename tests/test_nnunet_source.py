@@ -502,3 +502,48 @@ def test_postprocessing_pkl_is_applied_when_asked_and_recorded(
     assert post.describe().params["postprocessing"] == "keep largest [1, 2]"
     raw = plain.predict_files(hippo_scans[0]).labels
     assert np.array_equal(post.predict_files(hippo_scans[0]).labels, apply_postprocessing(raw, fns, kwargs))
+
+
+# --------------------------------------------------------------------------------------------------
+# through the batch: CLI, manifest, MLflow
+
+
+@pytest.mark.slow
+def test_batch_runs_nnunet_model_and_records_it(
+    hippo_3d: Path, hippo_scans: list[list[Path]], tmp_path: Path
+) -> None:
+    import mlflow
+    import nibabel as nib
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+    from medseg.io import load_image
+
+    scans = tmp_path / "in"
+    scans.mkdir()
+    shutil.copy(hippo_scans[0][0], scans / "good.nii.gz")
+    two = np.stack([nib.load(hippo_scans[0][0]).get_fdata()] * 2, axis=-1).astype(np.float32)
+    nib.save(nib.Nifti1Image(two, np.eye(4)), scans / "two_channels.nii.gz")
+    (scans / "broken.nii.gz").write_bytes(b"not a nifti file")
+    out = tmp_path / "out"
+    args = ["predict", str(scans), str(out), "--model", f"nnunet:{hippo_3d}", "--folds", "0"]
+    args += ["--checkpoint", "final", "--model-option", "mirroring=false", "--export", "nifti"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output  # some scans failed, the others were segmented
+    manifest = json.loads((out / "manifest.json").read_text())
+    by_id = {e["case_id"]: e for e in manifest["scans"]}
+    assert by_id["good"]["status"] == "ok"
+    assert by_id["two_channels"]["status"] == "failed"
+    assert "must have 1 channel(s) ['MRI']" in by_id["two_channels"]["error"]
+    assert by_id["broken"]["status"] == "failed"
+    model = load_model([f"nnunet:{hippo_3d}"], options={"folds": "0", "mirroring": False})
+    expected = model.predict(load_image(scans / "good.nii.gz")).labels
+    written = np.asarray(nib.load(out / "good" / "labels.nii.gz").dataobj)
+    assert np.array_equal(written, expected)
+    runs = mlflow.search_runs(experiment_names=["medseg"], order_by=["start_time DESC"], max_results=1)
+    params = runs.iloc[0]
+    assert params["params.model_kind"] == "nnunet"
+    assert params["params.folds"] == "0"
+    assert params["params.mirroring"] == "off"
+    assert params["params.model_sha256"] == model.sha256
+    assert params["params.plans_sha256"] == model.describe().params["plans_sha256"]
