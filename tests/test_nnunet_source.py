@@ -501,7 +501,12 @@ def test_postprocessing_pkl_is_applied_when_asked_and_recorded(
     assert plain.describe().params["postprocessing"] == "not applied"
     assert post.describe().params["postprocessing"] == "keep largest [1, 2]"
     raw = plain.predict_files(hippo_scans[0]).labels
-    assert np.array_equal(post.predict_files(hippo_scans[0]).labels, apply_postprocessing(raw, fns, kwargs))
+    result = post.predict_files(hippo_scans[0])
+    assert np.array_equal(result.labels, apply_postprocessing(raw, fns, kwargs))
+    records = {r.name: r for r in result.provenance}  # what ran, with its settings, is recorded
+    assert list(records) == ["preprocess", "model", "to_source", "postprocess"]
+    assert records["postprocess"].changed["voxels"] == int((raw != result.labels).sum())
+    assert records["model"].params["mirror_axes"] == []
 
 
 # --------------------------------------------------------------------------------------------------

@@ -243,7 +243,7 @@ class NnunetModel:
             InputError: Wrong channel count or dimensionality, or non-finite voxels.
         """
         from medseg.geometry import spacing_from_affine
-        from medseg.pipeline import Prediction
+        from medseg.predict.records import Prediction, StageRecord, seconds_by_stage
 
         n = len(self.dataset.channel_names)
         where = str(image.meta.get("filename_or_obj", "image")) if hasattr(image, "meta") else "image"
@@ -261,7 +261,6 @@ class NnunetModel:
             raise InputError(msg)
         affine = np.asarray(image.affine, dtype=np.float64)
         spacing = tuple(float(s) for s in spacing_from_affine(affine))
-        seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         case = preprocess(
             array.transpose(0, 3, 2, 1),
@@ -284,13 +283,46 @@ class NnunetModel:
         )
         t2 = time.perf_counter()
         labels, probabilities = self._to_source(logits, case, keep_probabilities)
+        t3 = time.perf_counter()
+        records = [
+            StageRecord(
+                "preprocess",
+                t1 - t0,
+                params={
+                    "configuration": self.config.name,
+                    "transpose": list(self.plans.transpose_forward),
+                    "normalization": list(self.config.normalization_schemes),
+                    "spacing": list(case.network_spacing),
+                },
+                changed={"crop": [list(b) for b in case.bbox], "shape": list(case.data.shape[1:])},
+            ),
+            StageRecord(
+                "model",
+                t2 - t1,
+                params={
+                    "folds": list(self.folder.folds),
+                    "mirror_axes": list(self.mirror_axes),
+                    "step": self.settings.step,
+                    "patch_size": list(self.config.patch_size),
+                },
+                changed={"windows": timings.windows},
+                timings={"forward": timings.forward},
+            ),
+            StageRecord("to_source", t3 - t2, params={"shape": list(labels.shape)}),
+        ]
         if self.postprocessing is not None:
-            t3 = time.perf_counter()
+            before = labels
             labels = self.postprocessing.apply(labels)
-            seconds["postprocess"] = time.perf_counter() - t3
-        seconds.update(preprocess=t1 - t0, model=t2 - t1, network=timings.forward)
-        seconds["to_source"] = time.perf_counter() - t2 - seconds.get("postprocess", 0.0)
-        return Prediction(labels, affine, probabilities, seconds)
+            records.append(
+                StageRecord(
+                    "postprocess",
+                    time.perf_counter() - t3,
+                    params={"steps": self.postprocessing.describe()},
+                    changed={"voxels": int((before != labels).sum())},
+                )
+            )
+        seconds = {**seconds_by_stage(records), "network": timings.forward}
+        return Prediction(labels, affine, probabilities, seconds, provenance=tuple(records))
 
     def _sibling_channels(self, path: Path, image: Any) -> Any:
         """A multi-channel case given by its ``_0000`` file: the other channel files, stacked."""
