@@ -11,7 +11,9 @@ codes per label name, for SEG).
 
 Modules: :mod:`.plans` (plans and dataset records), :mod:`.folder` (folds, checkpoints, zips),
 :mod:`.checkpoint` (weights-only loading), :mod:`.network` (allow-listed networks),
-:mod:`.preprocess`, :mod:`.resample`, :mod:`.sliding`, :mod:`.postprocess`, :mod:`.predictor`.
+:mod:`.settings` (options), :mod:`.channels` (``_0000`` files), :mod:`.preprocess`,
+:mod:`.resample`, :mod:`.sliding`, :mod:`.postprocess`, :mod:`.predictor` (the model) and
+:mod:`.bundle` (``medseg import nnunet``).
 """
 
 from __future__ import annotations

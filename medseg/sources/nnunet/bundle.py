@@ -102,7 +102,8 @@ def import_model_folder(
     """
     import torch
 
-    from medseg.sources.nnunet.predictor import NnunetModel, NnunetSettings
+    from medseg.sources.nnunet.predictor import NnunetModel
+    from medseg.sources.nnunet.settings import NnunetSettings
 
     out = Path(out)
     if out.exists():
