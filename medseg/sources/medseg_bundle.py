@@ -1,6 +1,6 @@
 """The built-in model source: medseg bundle folders and MLflow ``runs:/`` / ``models:/`` URIs.
 
-:func:`medseg.sources.load_model` registers :func:`load_medseg_bundles` under the ``medseg`` scheme.
+Importing this module registers :func:`load_medseg_bundles` under the ``medseg`` scheme.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from medseg.errors import ConfigError
+from medseg.sources.models import DEFAULT_SCHEME, register_model_source
 from medseg.tiling.runtime import OPTION_NAMES, InferenceOptions
 
 OPTIONS = ("crf", "postprocess", "refine", *OPTION_NAMES)
@@ -18,6 +19,7 @@ bundle says); ``refine`` replaces the bundle's refinement settings (a ``RefineCo
 settings (see :class:`~medseg.tiling.runtime.InferenceOptions`)."""
 
 
+@register_model_source(DEFAULT_SCHEME)
 def load_medseg_bundles(locations: Sequence[str], *, device: str = "cpu", options: Mapping[str, Any]) -> Any:
     """Load medseg bundles (several are an ensemble) into a :class:`~medseg.pipeline.Predictor`.
 
@@ -33,7 +35,7 @@ def load_medseg_bundles(locations: Sequence[str], *, device: str = "cpu", option
         ConfigError: An option this source does not know.
     """
     from medseg.pipeline import Predictor
-    from medseg.sources.nnunet.bundle import is_nnunet_bundle
+    from medseg.sources.nnunet.manifest import is_nnunet_bundle
     from medseg.tracking.models import is_mlflow_uri, resolve_bundle_uri
 
     local = [resolve_bundle_uri(str(p)) if is_mlflow_uri(str(p)) else p for p in locations]

@@ -17,6 +17,7 @@ Examples:
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,13 @@ from medseg.predict.records import ModelDescription as ModelDescription
 from medseg.predict.records import SegmentationModel as SegmentationModel
 
 DEFAULT_SCHEME = "medseg"
+BUILTIN_MODEL_SOURCES = {
+    DEFAULT_SCHEME: "medseg.sources.medseg_bundle",
+    "monai-bundle": "medseg.sources.monai_bundle",
+    "nnunet": "medseg.sources.nnunet",
+}
+"""The built-in model sources by scheme: the module whose import registers each (imported when the
+scheme is first named, so a source's heavy imports cost nothing until it is used)."""
 _MLFLOW_SCHEMES = ("runs", "models", "mlflow-artifacts")
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):(?!//)(.+)$")
 
@@ -79,7 +87,6 @@ def load_model(
     Raises:
         ConfigError: No reference, mixed schemes or an unknown scheme.
     """
-    _register_builtin_sources()
     if not refs:
         msg = "model references must name at least one model, got none"
         raise ConfigError(msg)
@@ -89,18 +96,13 @@ def load_model(
         msg = f"an ensemble's models must come from one source, got {schemes}"
         raise ConfigError(msg)
     scheme = schemes[0]
+    _register_builtin_sources(scheme)
     if scheme not in MODEL_SOURCES:
-        raise ConfigError(choice_error("model source", scheme, MODEL_SOURCES))
+        raise ConfigError(choice_error("model source", scheme, {*MODEL_SOURCES, *BUILTIN_MODEL_SOURCES}))
     return MODEL_SOURCES[scheme]([loc for _, loc in split], device=device, options=dict(options or {}))
 
 
-def _register_builtin_sources() -> None:
-    """Register the built-in model sources (medseg and MONAI bundles) unless a loader holds their scheme."""
-    if DEFAULT_SCHEME not in MODEL_SOURCES:
-        from medseg.sources.medseg_bundle import load_medseg_bundles
-
-        MODEL_SOURCES[DEFAULT_SCHEME] = load_medseg_bundles
-    if "monai-bundle" not in MODEL_SOURCES:
-        from medseg.sources import monai_bundle  # noqa: F401 (registers itself)
-    if "nnunet" not in MODEL_SOURCES:
-        import medseg.sources.nnunet  # noqa: F401 (registers itself)
+def _register_builtin_sources(scheme: str) -> None:
+    """Import the built-in source of ``scheme`` (its module registers it) unless a loader holds it."""
+    if scheme not in MODEL_SOURCES and scheme in BUILTIN_MODEL_SOURCES:
+        importlib.import_module(BUILTIN_MODEL_SOURCES[scheme])

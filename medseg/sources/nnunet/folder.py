@@ -131,7 +131,7 @@ def open_model_folder(
         )
         raise ConfigError(msg)
     if (path / "bundle.json").is_file():
-        from medseg.sources.nnunet.bundle import is_nnunet_bundle, verify_bundle
+        from medseg.sources.nnunet.manifest import is_nnunet_bundle, verify_bundle
 
         if is_nnunet_bundle(path):  # an imported bundle keeps the chosen checkpoint under one name
             verify_bundle(path)
