@@ -12,6 +12,9 @@ start-up and model loading are timed), and the line holds both and ``ray_vs_loca
 (total_s * workers - model_s) / scans, and ``overhead_ratio`` is total_s * workers / model_s;
 ``workers_start_s`` is how long the pool took to start (workers importing torch and loading the model,
 paid once per batch) and ``scans_per_hour_after_start`` the throughput without it.
+``fsync_s_per_scan`` is the time spent flushing outputs to the disk (durable writes, see
+docs/reliability.md) per scan and ``fsync_share`` its fraction of the run's wall time (target <= 0.01);
+local engine only (Ray workers flush in their own processes).
 Each Ray worker uses one CPU and one torch thread; ``--threads`` sets the local runner's torch threads
 (default: torch's, one per core), e.g. ``--threads 1`` for the same arithmetic as a Ray worker.
 The local runner segments ``--parallel-scans`` scans at once (default: the runner's, 2 on CPU), each
@@ -49,6 +52,7 @@ from medseg.batch.runner import BatchSummary, PredictionSettings, run_prediction
 from medseg.bundle import build_network, save_bundle
 from medseg.config.spec import DatasetSpec
 from medseg.demo import demo_pipeline
+from medseg.io.atomic import fsync_seconds
 from medseg.synth import make_phantom, write_dicom_series, write_nifti
 from medseg.synth.dataset import dataset_spec
 
@@ -148,6 +152,7 @@ def main() -> None:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
             out = work / f"out_{engine}_{time.time_ns()}"
             t0 = time.perf_counter()
+            fsync0 = fsync_seconds()
             parallel = args.parallel_scans if engine == "local" else None
             summary = run_prediction(
                 scans,
@@ -156,6 +161,10 @@ def main() -> None:
                 settings=PredictionSettings(tracking_uri=uri, engine=engine, parallel_scans=parallel),
             )
             results[engine] = report(summary, time.perf_counter() - t0)
+            if engine == "local":
+                fsync = fsync_seconds() - fsync0
+                results[engine]["fsync_s_per_scan"] = round(fsync / max(1, results[engine]["scans"]), 4)
+                results[engine]["fsync_share"] = round(fsync / results[engine]["total_s"], 4)
     finally:
         if "ray" in engines:
             import ray

@@ -311,6 +311,20 @@ def predict(
             "(default: 2 on CPU with 2+ threads, else 1; memory grows with it).",
         ),
     ] = None,
+    tracking_optional: Annotated[
+        bool,
+        typer.Option(
+            help="Segment even when the tracking server is unreachable at start (records are kept "
+            "in OUT/tracking.journal.jsonl until `medseg track sync OUT`)."
+        ),
+    ] = False,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Refuse a scan whose headers declare more voxels than this (e.g. 8G; "
+            "default: half the RAM), before loading it."
+        ),
+    ] = None,
     crf: Annotated[
         bool | None,
         typer.Option("--crf/--no-crf", help="Refine with the dense CRF (default: as the pipeline says)."),
@@ -375,12 +389,14 @@ def predict(
 
     from medseg.batch.ray_engine import RaySettings
     from medseg.batch.runner import Engine, PredictionSettings, run_prediction
+    from medseg.batch.storage import StorageError
     from medseg.errors import MedsegError
     from medseg.sources.destinations import open_destination
     from medseg.sources.folder import ScanFilter
 
     if threads:
         torch.set_num_threads(threads)
+    _reliability_settings(max_memory, tracking_optional)
     problem = check_source(source)
     if problem:
         _fail(problem)
@@ -430,6 +446,8 @@ def predict(
             ),
             echo=typer.echo,
         )
+    except StorageError as exc:  # the disk stayed full: some scans failed, the rest wait for a rerun
+        _fail(str(exc), EXIT_SOME_FAILED)
     except MedsegError as exc:
         _fail(str(exc))
     stored = f", {summary.store_failed} not stored to {store_to.split(':')[0]}" if store_to else ""
@@ -438,8 +456,63 @@ def predict(
         f"{summary.failed} failed, {summary.skipped} file(s) skipped{stored}; "
         f"manifest: {out_dir / 'manifest.json'}"
     )
+    _say_pending_tracking(out_dir)
     if summary.failed or summary.store_failed:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _reliability_settings(max_memory: str | None, tracking_optional: bool) -> None:
+    """``--max-memory`` and ``--tracking-optional`` as the environment settings that loaders (also in
+    Ray workers) and the batch's tracking read; exits 2 for a bad size."""
+    import os
+
+    from medseg.errors import ConfigError
+    from medseg.io.limits import MEMORY_ENV, parse_size
+    from medseg.tracking.journal import OPTIONAL_ENV
+
+    if max_memory is not None:
+        try:
+            os.environ[MEMORY_ENV] = str(parse_size(max_memory))
+        except ConfigError as exc:
+            _fail(f"--{exc}")
+    if tracking_optional:
+        os.environ[OPTIONAL_ENV] = "1"
+
+
+def _say_pending_tracking(out_dir: Path) -> None:
+    from medseg.tracking.journal import JOURNAL_FILE, pending_records
+
+    pending = pending_records(out_dir)
+    if pending:
+        typer.secho(
+            f"medseg: the tracking server was unreachable: {pending} record(s) kept in "
+            f"{out_dir / JOURNAL_FILE}; run `medseg track sync {out_dir}` when it is back",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+
+
+track_app = typer.Typer(help="Tracking records of batch folders.", no_args_is_help=True)
+app.add_typer(track_app, name="track")
+
+
+@track_app.command("sync")
+def track_sync(
+    out_dir: Annotated[Path, typer.Argument(help="A prediction folder with journalled tracking records.")],
+) -> None:
+    """Send a batch folder's journalled tracking records to the tracking server.
+
+    Exit status: 0 sent (or nothing to send); 2 the server is still unreachable.
+    """
+    from medseg.errors import MedsegError
+    from medseg.tracking.journal import pending_records, sync
+
+    pending = pending_records(out_dir)
+    try:
+        sync(out_dir)
+    except MedsegError as exc:
+        _fail(str(exc))
+    typer.echo(f"{pending} tracking record(s) sent from {out_dir}")
 
 
 @app.command()
@@ -731,6 +804,7 @@ def export_command(
     label map made elsewhere into a DICOM SEG (and more) for that series. Exit status 1 when some
     cases failed.
     """
+    from medseg.batch.lock import output_lock
     from medseg.batch.outputs import export_folder
     from medseg.errors import MedsegError
     from medseg.export import convert_label_map, label_table, read_label_names
@@ -759,9 +833,10 @@ def export_command(
             typer.echo(f"wrote {len(written)} file(s) into {out}: " + ", ".join(p.name for p in written))
             return
         assert out_dir is not None
-        done, failed = export_folder(
-            out_dir, names, table=table, show_patient_info=show_patient_info, echo=typer.echo
-        )
+        with output_lock(out_dir):  # one writer per output folder
+            done, failed = export_folder(
+                out_dir, names, table=table, show_patient_info=show_patient_info, echo=typer.echo
+            )
     except MedsegError as exc:
         _fail(str(exc))
     where = f"; review page: {out_dir / 'report' / 'index.html'}" if "report" in names else ""

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medseg.batch.storage import storage_errno
+from medseg.io.atomic import atomic_write_text, commit_folder
+from medseg.io.limits import child_folder
 from medseg.labelmap import LABEL_FILE
 from medseg.predict.records import Fact, StageRecord
 from medseg.sources.folder import Scan
@@ -82,6 +85,7 @@ class JobDetails:
         quality: Facts for review (``foreground_entropy``).
         provenance: The prediction stages' records (see :mod:`medseg.predict.records`).
         traceback: The end of the traceback of a failed job.
+        errno: The storage error that failed it (ENOSPC, EDQUOT, EIO; see :mod:`medseg.batch.storage`).
     """
 
     shape: tuple[int, ...] = ()
@@ -90,6 +94,7 @@ class JobDetails:
     quality: Mapping[str, float] = field(default_factory=dict)
     provenance: tuple[StageRecord, ...] = ()
     traceback: str | None = None
+    errno: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """What the manifest keeps of it: ``refine`` and ``quality``, where present."""
@@ -115,6 +120,8 @@ class JobDetails:
             out["provenance"] = self.provenance_dict()["stages"]
         if self.traceback is not None:
             out["traceback"] = self.traceback
+        if self.errno is not None:
+            out["errno"] = self.errno
         return out
 
     @classmethod
@@ -141,6 +148,7 @@ class JobDetails:
             quality=dict(data.get("quality", {})),
             provenance=stages,
             traceback=data.get("traceback"),
+            errno=data.get("errno"),
         )
 
 
@@ -179,16 +187,16 @@ class JobResult:
 
 
 def case_dir(out_root: Path, case_id: str) -> Path:
-    """The output folder of a case."""
-    return out_root / case_id
+    """The output folder of a case (a case id that would escape ``out_root`` is an InputError)."""
+    return child_folder(out_root, case_id)
 
 
 def completed(out_root: Path, job: ScanJob) -> JobResult | None:
     """The earlier result of this job if its outputs are complete and its input unchanged."""
-    path = case_dir(out_root, job.scan.case_id) / RESULT_FILE
     try:
+        path = case_dir(out_root, job.scan.case_id) / RESULT_FILE
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: JSON, or a case id outside the output folder
         return None
     if data.get("status") != "ok" or data.get("fingerprint") != job.fingerprint:
         return None
@@ -235,7 +243,7 @@ class Segmented:
 def _fail(result: JobResult, exc: BaseException, scan: Scan, started: float) -> JobResult:
     result.status = "failed"
     result.error = describe_error(exc, scan)
-    result.details = JobDetails(traceback=traceback.format_exc(limit=3)[-2000:])
+    result.details = JobDetails(traceback=traceback.format_exc(limit=3)[-2000:], errno=storage_errno(exc))
     result.seconds["total"] = time.perf_counter() - started
     return result
 
@@ -296,8 +304,11 @@ def write_outputs(segmented: Segmented, out_root: Path) -> JobResult:
     if prediction is None:
         return result
     case_id = job.scan.case_id
-    tmp = out_root / f"{TMP_PREFIX}{case_id}-{os.getpid()}"
-    final = case_dir(out_root, case_id)
+    try:
+        final = case_dir(out_root, case_id)
+        tmp = out_root / f"{TMP_PREFIX}{case_id}-{os.getpid()}"
+    except Exception as exc:
+        return _fail(result, exc, job.scan, segmented.started)
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -325,10 +336,10 @@ def write_outputs(segmented: Segmented, out_root: Path) -> JobResult:
             provenance=prediction.provenance,
         )
         result.seconds["total"] = time.perf_counter() - segmented.started
-        (tmp / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+        atomic_write_text(tmp / RESULT_FILE, json.dumps(result.to_dict(), indent=1))
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        commit_folder(tmp, final)
     except Exception as exc:  # one bad scan must never stop the batch
         _fail(result, exc, job.scan, segmented.started)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg.batch.storage import stop_on_storage_error
 from medseg.errors import InputError
 from medseg.export.facts import BatchCase
 from medseg.export.review_panel import BatchIdentity
@@ -96,7 +97,11 @@ class Manifest:
         }
 
     def save(self, out: Path) -> None:
-        """Write ``manifest.json`` and ``manifest.csv`` atomically."""
+        """Write ``manifest.json`` and ``manifest.csv`` atomically (a full disk stops the batch)."""
+        with stop_on_storage_error("the manifest"):
+            self._save(out)
+
+    def _save(self, out: Path) -> None:
         self._keep_identity(out)
         atomic_write_text(out / MANIFEST_JSON, json.dumps(self.to_dict(), indent=1))
         buf = io.StringIO()

@@ -32,8 +32,10 @@ from medseg.batch.job import (
     input_fingerprint,
 )
 from medseg.batch.local_engine import default_parallel_scans, local_results, parallel_scans, prefetch
+from medseg.batch.lock import holds_output_lock
 from medseg.batch.manifest import Manifest, check_existing
 from medseg.batch.settings import Engine, PredictionSettings
+from medseg.batch.storage import StorageWatch
 from medseg.errors import InputError, optional_import
 from medseg.sources.folder import Discovery
 
@@ -92,12 +94,13 @@ def _entry(job: ScanJob, result: JobResult) -> dict[str, Any]:
         "outputs": result.outputs,
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
         **result.details.summary(),
+        **({"copies": [str(p) for p in job.scan.copies]} if job.scan.copies else {}),
     }
 
 
 def _private(entry: dict[str, Any]) -> dict[str, Any]:
     """What MLflow may see of a manifest entry: no input paths."""
-    return {k: v for k, v in entry.items() if k != "inputs"}
+    return {k: v for k, v in entry.items() if k not in ("inputs", "copies")}
 
 
 def _refine_means(entries: list[dict[str, Any]]) -> dict[str, float]:
@@ -112,6 +115,7 @@ def _refine_means(entries: list[dict[str, Any]]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in values.items()}
 
 
+@holds_output_lock("out_dir")
 def run_prediction(
     source: str | Path,
     out_dir: str | Path,
@@ -144,7 +148,7 @@ def run_prediction(
     """
     from medseg.export.registry import parse_exports
     from medseg.sources import load_model, open_scan_source
-    from medseg.tracking import tracked_run
+    from medseg.tracking.journal import JOURNAL_FILE, journaled_run
 
     cfg = settings or PredictionSettings()
     say = echo or (lambda _msg: None)
@@ -167,12 +171,13 @@ def run_prediction(
     with contextlib.ExitStack() as stack:
         if isinstance(scans, contextlib.AbstractContextManager):  # e.g. private downloads to remove
             stack.enter_context(scans)
-        run = stack.enter_context(
-            tracked_run(
+        run = stack.enter_context(  # records the server cannot take are journalled beside the manifest
+            journaled_run(
                 "predict",
                 experiment=cfg.experiment,
                 params=_params(model, found, jobs, cfg),
                 uri=cfg.tracking_uri,
+                journal=out / JOURNAL_FILE,
             )
         )
         summary.run_id, summary.engine = run.run_id, cfg.engine.value
@@ -296,11 +301,13 @@ def _follow(
     """Record each result as it comes: manifest, progress, one line, MLflow metrics and provenance."""
     total = sum(e["status"] == "pending" for e in manifest.entries.values())
     show_bar = sys.stderr.isatty() if cfg.progress_bar is None else cfg.progress_bar
+    watch = StorageWatch()  # stops the batch when the output disk stays full
     with contextlib.closing(results), _progress(total, show_bar) as advance:
         for i, (job, result) in enumerate(results):
             manifest.entries[job.scan.case_id] = _entry(job, result)
             summary.store_failed += _store(cfg.destination, out, manifest.entries[job.scan.case_id])
             manifest.save(out)
+            watch.observe(result)
             summary.model_seconds += result.seconds.get("network", 0.0)
             failed = sum(e["status"] == "failed" for e in manifest.entries.values())
             advance(failed)

@@ -108,7 +108,9 @@ def place_series(
     """
     headers = [f for f in files if isinstance(f, pydicom.Dataset)]
     if len(headers) < len(files):
-        headers = read_headers([Path(f) for f in files])
+        from medseg.io.dicom_duplicates import distinct_instances  # copies of one instance count once
+
+        headers = read_headers(distinct_instances([Path(f) for f in files]))
     if not headers:
         msg = "DICOM series must hold at least one instance, got none"
         raise InputError(msg)

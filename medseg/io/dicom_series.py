@@ -20,6 +20,7 @@ Rules (each broken rule is a :class:`~medseg.errors.GeometryError` that says whi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from pydicom.errors import InvalidDicomError
 
 from medseg.errors import GeometryError, InputError
 from medseg.geometry import dicom_affine, order_along, slice_normal
+from medseg.io.dicom_duplicates import distinct_instances
 from medseg.io.dicom_pixels import raw_ds, stack_pixels
 
 ORIENTATION_TOL = 1e-4
@@ -275,6 +277,7 @@ def read_series(
         GeometryError: The slices do not form a valid volume (see the module's rules).
     """
     info, headers = _find_series(source, series_uid, keep_headers=True)
+    info = dataclasses.replace(info, files=distinct_instances(info.files, headers))  # copies count once
     where = f"DICOM series {info.series_uid} in {info.files[0].parent}"
     if len(info.files) < min_slices:
         msg = f"{where}: must have at least {min_slices} slices to form a volume, got {len(info.files)}"

@@ -14,6 +14,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, LoadImaged
 
 from medseg.errors import GeometryError, InputError
+from medseg.io.limits import check_inputs
 from medseg.io.readers import DicomSeriesReader, NiftiReader, SimpleITKReader
 
 GRID_ATOL_MM = 1e-3
@@ -119,11 +120,13 @@ def load_image(
     if isinstance(path, (str, Path)):
         path = Path(path)
         _check_path(path)
+        check_inputs([path])  # readable, and no larger than the memory budget by its header
         call = functools.partial(loader, str(path))
     else:  # the files of one DICOM series, whatever their names
         files = [Path(p) for p in path]
         for f in files:
             _check_path(f)
+        check_inputs(files)  # readable, and no larger than the memory budget by their headers
         dicom = next(r for r in loader.readers if isinstance(r, DicomSeriesReader))
         call = functools.partial(loader, [str(f) for f in files], reader=dicom)
         path = files[0].parent if files else Path()

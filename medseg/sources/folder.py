@@ -7,7 +7,10 @@ objects (SR, RT, SEG, presentation states) and unrelated files are listed as ski
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from medseg.io.dicom_duplicates import folders_with_copies
 from medseg.io.dicom_series import NON_IMAGE_SOP_PREFIXES
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -27,6 +31,7 @@ _HEADER_TAGS = [
     "Rows",
     "Columns",
     "NumberOfFrames",
+    "SOPInstanceUID",
 ]
 
 
@@ -41,6 +46,8 @@ class Scan:
         files: The DICOM files of the series (empty for files).
         modality: DICOM Modality, when known.
         description: DICOM SeriesDescription, when known.
+        copies: The folders that hold copies of this series' instances (the same SOPInstanceUID in
+            several files), empty when every instance is in one file.
     """
 
     case_id: str
@@ -49,6 +56,7 @@ class Scan:
     files: tuple[Path, ...] = ()
     modality: str = ""
     description: str = ""
+    copies: tuple[Path, ...] = ()
 
     @property
     def inputs(self) -> tuple[Path, ...]:
@@ -129,6 +137,7 @@ def _common_folder(paths: list[Path]) -> Path:
 
 def _scan_dicom(files: list[Path], found: Discovery) -> None:
     groups: dict[str, list[Path]] = {}
+    sops: dict[str, list[str]] = {}
     first: dict[str, pydicom.Dataset] = {}
     for path in files:
         try:
@@ -150,6 +159,7 @@ def _scan_dicom(files: list[Path], found: Discovery) -> None:
         if not uid:
             uid = "missing-uid:" + hashlib.sha256(str(path.parent).encode()).hexdigest()[:12]
         groups.setdefault(uid, []).append(path)
+        sops.setdefault(uid, []).append(str(ds.get("SOPInstanceUID", "")))
         first.setdefault(uid, ds)
     for uid, paths in groups.items():
         header = first[uid]
@@ -161,8 +171,29 @@ def _scan_dicom(files: list[Path], found: Discovery) -> None:
                 files=tuple(sorted(paths)),
                 modality=str(header.get("Modality", "")),
                 description=str(header.get("SeriesDescription", "")),
+                copies=folders_with_copies(paths, sops[uid]),
             )
         )
+
+
+def _files(folder: Path, found: Discovery) -> list[Path]:
+    """The files under ``folder``; symlinks that loop or lead nowhere are listed as skipped.
+
+    Symlinked folders are not descended into (a link back up the tree cannot loop the walk).
+    """
+    files = []
+    for p in folder.rglob("*"):
+        if p.is_file():
+            files.append(p)
+        elif p.is_symlink() and not p.exists():
+            try:
+                os.stat(p)
+                reason = "a symlink that cannot be followed"
+            except OSError as exc:
+                loop = exc.errno == errno.ELOOP
+                reason = "a symlink loop" if loop else f"a broken symlink ({exc.strerror})"
+            found.skipped.append(Skipped(p, f"not an image file: {reason}"))
+    return sorted(files)
 
 
 def discover(source: str | Path, scan_filter: ScanFilter | None = None) -> Discovery:
@@ -180,7 +211,7 @@ def discover(source: str | Path, scan_filter: ScanFilter | None = None) -> Disco
     if source.is_file() and source.name.lower().endswith(IMAGE_SUFFIXES):
         found.scans.append(Scan(_stem(source), source))
         return found
-    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    files = [source] if source.is_file() else _files(source, found)
     maybe_dicom: list[Path] = []
     for f in files:
         name = f.name.lower()
@@ -209,9 +240,7 @@ def discover(source: str | Path, scan_filter: ScanFilter | None = None) -> Disco
         n = seen.get(scan.case_id, 0)
         seen[scan.case_id] = n + 1
         if n:
-            scan = Scan(
-                f"{scan.case_id}_{n}", scan.path, scan.series_uid, scan.files, scan.modality, scan.description
-            )
+            scan = dataclasses.replace(scan, case_id=f"{scan.case_id}_{n}")
         unique.append(scan)
     found.scans = unique
     return found
