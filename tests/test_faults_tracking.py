@@ -123,8 +123,11 @@ def test_server_stopped_and_restarted_mid_batch_the_run_ends_complete(tmp_path: 
         wait_for_stall(proc)  # one scan logged; the server now goes away
     try:
         release.touch()
-        wait_for_stall(proc)  # scans 2 and 3 finished while the server was away
-        assert (tmp_path / "out" / JOURNAL_FILE).is_file(), "records the server could not take must be kept"
+        wait_for_stall(proc)  # scans 2 and 3 written while the server was away
+        journal, deadline = tmp_path / "out" / JOURNAL_FILE, time.time() + 120
+        while not journal.is_file() and time.time() < deadline:  # their records follow the writes
+            time.sleep(0.1)
+        assert journal.is_file(), "records the server could not take must be kept"
         with _server(db, tmp_path / "artifacts", port, log):
             release.touch()
             output, _ = proc.communicate(timeout=240)
