@@ -28,9 +28,11 @@ def import_command(
     ] = None,
 ) -> None:
     """Check review.json against the batch; record its verdicts in the manifest, case.json and MLflow."""
+    from medseg.batch.lock import output_lock
     from medseg.review.apply import import_review, review_summary
 
-    summary = import_review(out_dir, review_file, tracking_uri=tracking_uri)
+    with output_lock(out_dir):  # one writer per output folder
+        summary = import_review(out_dir, review_file, tracking_uri=tracking_uri)
     typer.echo(review_summary(summary))
 
 
