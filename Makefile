@@ -9,11 +9,10 @@ STAMP := $(VENV)/.installed
 # torch is installed first, pinned. Where pip resolves torch==2.13.0 to the CPU build (as the wheel
 # cache this project is built with does) that is all; on PyPI, Linux x86_64, the same line gets the
 # multi-GB CUDA build, and check-torch below stops the install saying how to get the CPU one (README).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,dicom,rtstruct,plots,distributed,server,pacs]'
-	echo torch==2.13.0 > $(VENV)/torch-pin.txt && $(PY) -m pip install -q -c $(VENV)/torch-pin.txt -e '.[nnunet]' nnunetv2
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,dicom,rtstruct,plots,distributed,server,pacs,nnunet]' nnunetv2
 	$(MAKE) --no-print-directory check-torch
 	touch $(STAMP)
 

@@ -143,8 +143,8 @@ def test_no_import_cycles(level: str) -> None:
 def test_the_walker_sees_every_kind_of_import() -> None:
     """The parser finds module-level, function-level, relative and TYPE_CHECKING imports."""
     packages, within = _graphs()
-    assert "medseg.errors" in packages["medseg.cli"]  # only imported inside functions there
-    assert packages["medseg.cli"]["medseg.batch"]  # `from medseg.batch.runner import ...` in a function
+    assert "medseg.errors" in packages["medseg.commands"]  # only imported inside functions there
+    assert packages["medseg.commands"]["medseg.batch"]  # `from medseg.batch.runner import ...` in a function
     assert not any(src == dst for src, targets in packages.items() for dst in targets)
     assert all(_package(src) == _package(dst) for src, targets in within.items() for dst in targets)
 

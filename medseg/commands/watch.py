@@ -1,6 +1,6 @@
 """``medseg watch``, and what it shares with ``medseg predict``: archive options, ``--export`` names.
 
-Kept apart from :mod:`medseg.cli` (which registers the command and imports from here, never the
+Kept apart from :mod:`medseg.commands.predict` (which imports from here, never the
 other way) so that these are declared once. Credentials are never options with a value: they come
 from environment variables or a file (see :mod:`medseg.sources.dicomweb.connection`).
 """

@@ -1,0 +1,1 @@
+"""The ``medseg`` subcommands, one module per group; :mod:`medseg.cli` assembles them."""
