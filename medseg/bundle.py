@@ -7,7 +7,6 @@ settings, and the SHA-256 of the weights).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from medseg.config.pipeline import PipelineConfig
 from medseg.config.spec import DatasetSpec
 from medseg.errors import ConfigError
 from medseg.io.atomic import atomic_path, atomic_write_text
+from medseg.io.hashing import file_sha256
 
 BUNDLE_FORMAT = "medseg-bundle"
 BUNDLE_VERSION = 1
@@ -50,14 +50,6 @@ class Bundle:
     def sha256(self) -> str:
         """SHA-256 of the weights file."""
         return str(self.info.get("weights_sha256", ""))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def strip_cases(spec: DatasetSpec) -> DatasetSpec:
@@ -100,7 +92,7 @@ def save_bundle(
         "version": BUNDLE_VERSION,
         "medseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "weights_sha256": _sha256(out / WEIGHTS),
+        "weights_sha256": file_sha256(out / WEIGHTS),
         "pipeline": pipeline.model_dump(mode="json"),
         "spec": strip_cases(spec).model_dump(mode="json"),
         "info": info or {},
@@ -133,7 +125,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     if manifest.get("format") != BUNDLE_FORMAT:
         msg = f"{manifest_path}: format must be '{BUNDLE_FORMAT}', got {manifest.get('format')!r}"
         raise ConfigError(msg)
-    digest = _sha256(folder / WEIGHTS)
+    digest = file_sha256(folder / WEIGHTS)
     if digest != manifest.get("weights_sha256"):
         expected = manifest.get("weights_sha256")
         msg = f"{folder / WEIGHTS}: SHA-256 must match the manifest's {expected}, got {digest}"

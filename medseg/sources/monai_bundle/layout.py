@@ -22,7 +22,6 @@ Examples:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,12 +112,3 @@ def read_config(path: Path) -> dict[str, Any]:
         msg = f"{path}: must hold a mapping at the top level, got {type(data).__name__}"
         raise ConfigError(msg)
     return data
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -19,9 +19,10 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.errors import ConfigError, InputError, MedsegError
+from medseg.io.hashing import file_sha256
 from medseg.predict.records import ModelDescription
 from medseg.sources.monai_bundle.inferer import WindowSetup, window_setup
-from medseg.sources.monai_bundle.layout import BundleFiles, file_sha256, read_config
+from medseg.sources.monai_bundle.layout import BundleFiles, read_config
 from medseg.sources.monai_bundle.metadata import spec_from_metadata
 from medseg.sources.monai_bundle.postprocess import (
     IMAGE,

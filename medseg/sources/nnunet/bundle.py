@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import ConfigError
+from medseg.io.hashing import file_sha256
 from medseg.sources.nnunet.checkpoint import load_checkpoint
 from medseg.sources.nnunet.folder import CHECKPOINTS, open_model_folder
 from medseg.sources.nnunet.manifest import FORMAT, MANIFEST
-from medseg.sources.nnunet.plans import file_sha256
 
 
 @dataclass(frozen=True)

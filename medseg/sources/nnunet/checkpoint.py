@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import ConfigError
-from medseg.sources.nnunet.plans import file_sha256
+from medseg.io.hashing import file_sha256
 
 _EPOCHS = (1, 5, 10, 20, 50, 100, 250, 500, 750, 2000, 4000, 8000)
 KNOWN_TRAINERS: frozenset[str] = frozenset(

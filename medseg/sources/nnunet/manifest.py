@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from medseg.errors import ConfigError
-from medseg.sources.nnunet.plans import file_sha256, read_json
+from medseg.io.hashing import file_sha256
+from medseg.sources.nnunet.plans import read_json
 
 FORMAT = "nnunet"
 MANIFEST = "bundle.json"

@@ -16,7 +16,6 @@ Examples:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,15 +49,6 @@ def read_json(path: Path) -> dict[str, Any]:
         msg = f"{path} must hold a JSON object, got {type(data).__name__}"
         raise ConfigError(msg)
     return data
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,13 @@ import torch
 
 from medseg.config.spec import DatasetSpec
 from medseg.errors import ConfigError, InputError
+from medseg.io.hashing import file_sha256
 from medseg.labelmap import label_dtype
 from medseg.sources.models import ModelDescription
 from medseg.sources.nnunet.checkpoint import Checkpoint, load_checkpoint
 from medseg.sources.nnunet.folder import ModelFolder, open_model_folder
 from medseg.sources.nnunet.network import build_network, load_weights
-from medseg.sources.nnunet.plans import Configuration, DatasetInfo, Plans, file_sha256, read_json
+from medseg.sources.nnunet.plans import Configuration, DatasetInfo, Plans, read_json
 from medseg.sources.nnunet.postprocess import Postprocessing, read_postprocessing
 from medseg.sources.nnunet.preprocess import Preprocessed, preprocess
 from medseg.sources.nnunet.resample import resample_to_shape
