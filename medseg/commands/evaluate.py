@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from medseg.commands.app import EXIT_SOME_FAILED, app, fail
-from medseg.commands.options import model_options
+from medseg.commands.options import BatchSize, MemoryFormat, Precision, TrustModelCode, model_options
 
 
 @app.command()
@@ -48,27 +48,10 @@ def evaluate(
         bool | None,
         typer.Option("--postprocess/--no-postprocess", help="With --model: post-processing on or off."),
     ] = None,
-    precision: Annotated[
-        str | None,
-        typer.Option(
-            help="Network precision: auto, float32, bfloat16 or float16 (default: as the model says)."
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Windows per forward pass, pinned (default: measured once).")
-    ] = None,
-    memory_format: Annotated[
-        str | None,
-        typer.Option(help="Window layout, pinned: contiguous or channels_last (default: measured once)."),
-    ] = None,
-    trust_model_code: Annotated[
-        bool,
-        typer.Option(
-            "--trust-model-code",
-            help="Let a foreign model's config run Python (a MONAI bundle's $-expressions and any "
-            "_target_); without it such configs are refused, naming the keys.",
-        ),
-    ] = False,
+    precision: Precision = None,
+    batch_size: BatchSize = None,
+    memory_format: MemoryFormat = None,
+    trust_model_code: TrustModelCode = False,
 ) -> None:
     """Score predictions (a folder, or a model run now) against a spec's labels; log an MLflow evaluate run.
 

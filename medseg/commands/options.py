@@ -3,8 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from medseg.commands.app import fail
+
+Precision = Annotated[
+    str | None,
+    typer.Option(help="Network precision: auto, float32, bfloat16 or float16 (default: as the model says)."),
+]
+BatchSize = Annotated[
+    int | None, typer.Option(min=1, help="Windows per forward pass, pinned (default: measured once).")
+]
+MemoryFormat = Annotated[
+    str | None,
+    typer.Option(help="Window layout, pinned: contiguous or channels_last (default: measured once)."),
+]
+TrustModelCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-model-code",
+        help="Let a foreign model's config run Python (a MONAI bundle's $-expressions and any "
+        "_target_); without it such configs are refused, naming the keys.",
+    ),
+]
 
 
 def foreign_model_options(

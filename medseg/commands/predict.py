@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 
 from medseg.commands.app import EXIT_SOME_FAILED, app, fail
-from medseg.commands.options import foreign_model_options, model_options
+from medseg.commands.options import (
+    BatchSize,
+    MemoryFormat,
+    Precision,
+    TrustModelCode,
+    foreign_model_options,
+    model_options,
+)
 from medseg.commands.watch import (
     CaBundle,
     CredentialsFile,
@@ -118,27 +125,10 @@ def predict(
     store_to: StoreTo = None,
     store_credentials: StoreCredentialsFile = None,
     record_uids: RecordUids = False,
-    precision: Annotated[
-        str | None,
-        typer.Option(
-            help="Network precision: auto, float32, bfloat16 or float16 (default: as the model says)."
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Windows per forward pass, pinned (default: measured once).")
-    ] = None,
-    memory_format: Annotated[
-        str | None,
-        typer.Option(help="Window layout, pinned: contiguous or channels_last (default: measured once)."),
-    ] = None,
-    trust_model_code: Annotated[
-        bool,
-        typer.Option(
-            "--trust-model-code",
-            help="Let a foreign model's config run Python (a MONAI bundle's $-expressions and any "
-            "_target_); without it such configs are refused, naming the keys.",
-        ),
-    ] = False,
+    precision: Precision = None,
+    batch_size: BatchSize = None,
+    memory_format: MemoryFormat = None,
+    trust_model_code: TrustModelCode = False,
     folds: Annotated[
         str | None,
         typer.Option(help="nnunet: models: the folds to ensemble, e.g. 0,1,2 (default: every fold present)."),
