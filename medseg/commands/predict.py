@@ -26,8 +26,6 @@ from medseg.commands.watch import (
     StoreTo,
     Studies,
     archive_options,
-    check_selection,
-    check_source,
     export_names,
 )
 
@@ -161,10 +159,8 @@ def predict(
     if threads:
         torch.set_num_threads(threads)
     reliability_settings(max_memory, tracking_optional)
-    problem = check_source(source)
-    if problem:
-        fail(problem)
     options = archive_options(
+        source,
         study=study,
         series=series,
         query=query,
@@ -173,9 +169,6 @@ def predict(
         ca_bundle=ca_bundle,
         record_uids=record_uids,
     )
-    problem = check_selection(source, options)
-    if problem:
-        fail(problem)
     scan_filter = ScanFilter(tuple(modality or ()), series_description, min_slices)
     if engine != "ray" and (address or workers):
         fail(f"--address and --workers need --engine ray, got --engine {engine}")

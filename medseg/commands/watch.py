@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from medseg.commands.app import fail
+
 Studies = Annotated[
     list[str] | None, typer.Option("--study", help="dicomweb source: a StudyInstanceUID to process (repeat).")
 ]
@@ -55,6 +57,7 @@ RecordUids = Annotated[
 
 
 def archive_options(
+    source: str,
     *,
     study: list[str] | None,
     series: list[str] | None,
@@ -64,8 +67,12 @@ def archive_options(
     ca_bundle: Path | None,
     record_uids: bool,
 ) -> dict[str, Any]:
-    """The scan-source and destination options from the command line's archive options."""
-    return {
+    """The scan-source and destination options from the command line's archive options, checked against
+    ``source`` (exits 2 for a missing input, or a selection given for a folder)."""
+    problem = check_source(source)
+    if problem:
+        fail(problem)
+    options = {
         "studies": tuple(study or ()),
         "series": tuple(series or ()),
         "query": tuple(query or ()),
@@ -74,6 +81,10 @@ def archive_options(
         "ca_bundle": ca_bundle,
         "record_uids": record_uids,
     }
+    problem = check_selection(source, options)
+    if problem:
+        fail(problem)
+    return options
 
 
 def check_selection(source: str, options: dict[str, Any]) -> str | None:
@@ -122,7 +133,7 @@ def export_names(text: str) -> list[str]:
         check_dependencies(names)
         return names
     except MedsegError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     return []
 
 
@@ -167,10 +178,8 @@ def watch_command(
         import torch
 
         torch.set_num_threads(threads)
-    problem = check_source(source)
-    if problem:
-        _fail(problem)
     options = archive_options(
+        source,
         study=study,
         series=series,
         query=query,
@@ -179,9 +188,6 @@ def watch_command(
         ca_bundle=ca_bundle,
         record_uids=record_uids,
     )
-    problem = check_selection(source, options)
-    if problem:
-        _fail(problem)
     try:
         destination = open_destination(store_to, options=options) if store_to else None
         watching = WatchSettings(quiet_s=quiet_seconds, poll_s=poll_seconds)
@@ -211,10 +217,5 @@ def watch_command(
             echo=typer.echo,
         )
     except MedsegError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"watch stopped ({stopped}); outputs in {out_dir}")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"medseg: error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(2)
