@@ -34,7 +34,7 @@ from medseg.io.atomic import remove_stale_temporaries
 
 LOCK_FILE = ".medseg.lock"
 
-_held: dict[str, tuple[int, int, int]] = {}  # folder -> (fd, owning thread, depth)
+_held: dict[str, tuple[int, int, int, bool]] = {}  # folder -> (fd, owning thread, depth, created by the lock)
 _held_lock = threading.Lock()
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,7 +52,8 @@ def _holder(path: Path) -> str:
     return "a process that has not written its pid yet"
 
 
-def _acquire(folder: Path) -> int:
+def _acquire(folder: Path) -> tuple[int, bool]:
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -72,7 +73,21 @@ def _acquire(folder: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, stamp.encode(), 0)
     remove_stale_temporaries(folder)  # left by killed writers; nobody else writes here now
-    return fd
+    return fd, created
+
+
+def _release(folder: Path, fd: int, *, created: bool) -> None:
+    """Give the lock back; a folder this lock created and nothing else wrote to is removed with it (a
+    run that could not start leaves nothing behind). The file goes while the lock is still held, so
+    no other process can lock the removed file."""
+    try:
+        if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            (folder / LOCK_FILE).unlink()
+            folder.rmdir()
+    except OSError:
+        pass  # another process wrote into it meanwhile: keep it
+    finally:
+        os.close(fd)  # releases the flock
 
 
 @contextlib.contextmanager
@@ -101,21 +116,20 @@ def output_lock(folder: str | Path) -> Iterator[Path]:
     with _held_lock:
         held = _held.get(key)
         if held is not None and held[1] == me:
-            _held[key] = (held[0], me, held[2] + 1)
-            fd = None
+            _held[key] = (held[0], me, held[2] + 1, held[3])
         else:
-            fd = _acquire(folder)  # raises for another thread too: its fd holds the flock
-            _held[key] = (fd, me, 1)
+            fd, created = _acquire(folder)  # raises for another thread too: its fd holds the flock
+            _held[key] = (fd, me, 1, created)
     try:
         yield folder
     finally:
         with _held_lock:
-            fd0, owner, depth = _held[key]
+            fd0, owner, depth, created = _held[key]
             if depth > 1:
-                _held[key] = (fd0, owner, depth - 1)
+                _held[key] = (fd0, owner, depth - 1, created)
             else:
                 del _held[key]
-                os.close(fd0)  # releases the flock
+                _release(folder, fd0, created=created)
 
 
 def holds_output_lock(argument: str) -> Callable[[F], F]:
