@@ -33,9 +33,6 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from server_helpers import free_port
 
-from medseg.bundle import build_network, save_bundle
-from medseg.config.pipeline import PipelineConfig
-from medseg.config.spec import DatasetSpec
 from medseg.synth import write_dicom_series
 
 ORTHANC_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -336,20 +333,6 @@ NON_IMAGE = {
     "KO": "1.2.840.10008.5.1.4.1.1.88.59",
 }
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-
-
-def tiny_bundle(path: Path) -> Path:
-    """A seeded, weightless bundle: the passthrough model returns round(intensity) as labels 0-2."""
-    spec = DatasetSpec.model_validate(
-        {
-            "name": "identity",
-            "channels": [{"name": "x", "modality": "OTHER", "intensity": {"scheme": "none"}}],
-            "labels": {"background": 0, "a": 1, "b": 2},
-            "cases": [],
-        }
-    )
-    cfg = PipelineConfig.model_validate({"name": "identity", "model": {"name": "passthrough"}})
-    return save_bundle(path, cfg, spec, build_network(cfg, spec))
 
 
 def volume(seed: int, shape: tuple[int, int, int] = (20, 18, 6)) -> np.ndarray:

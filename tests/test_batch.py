@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from bundle_helpers import passthrough_bundle as _bundle
 from geometry_helpers import shared
 from pydicom.dataset import FileDataset, FileMetaDataset
 from typer.testing import CliRunner
@@ -34,19 +35,6 @@ from medseg.synth import write_dicom_series, write_nifti
 
 PATIENT = "Doe^Jane"
 PATIENT_ID = "PID-7731-SECRET"
-
-
-def _bundle(path: Path) -> Path:
-    spec = DatasetSpec.model_validate(
-        {
-            "name": "identity",
-            "channels": [{"name": "x", "modality": "OTHER", "intensity": {"scheme": "none"}}],
-            "labels": {"background": 0, "a": 1, "b": 2},
-            "cases": [],
-        }
-    )
-    cfg = PipelineConfig.model_validate({"name": "identity", "model": {"name": "passthrough"}})
-    return save_bundle(path, cfg, spec, build_network(cfg, spec))
 
 
 def _vol(seed: int, shape=(20, 18, 8)) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from bundle_helpers import passthrough_bundle as tiny_bundle
 from dicomweb_helpers import (
     NON_IMAGE,
     PASSWORD,
@@ -29,7 +30,6 @@ from dicomweb_helpers import (
     private_roots,
     proxy,
     read_manifest,
-    tiny_bundle,
     volume,
 )
 from export_helpers import dciodvfy_errors, expected_frame

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from dicomweb_helpers import PASSWORD, USER, Study, orthanc_server, private_roots, proxy, tiny_bundle
+from bundle_helpers import passthrough_bundle as tiny_bundle
+from dicomweb_helpers import PASSWORD, USER, Study, orthanc_server, private_roots, proxy
 
 from medseg.sources.folder import dicom_case_id
 

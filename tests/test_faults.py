@@ -21,27 +21,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from bundle_helpers import passthrough_bundle as _bundle
 
 from medseg import faults
-from medseg.bundle import build_network, save_bundle
-from medseg.config.pipeline import PipelineConfig
-from medseg.config.spec import DatasetSpec
 from medseg.synth import write_dicom_series, write_nifti
 
 SHAPE = (20, 18, 8)
-
-
-def _bundle(path: Path) -> Path:
-    spec = DatasetSpec.model_validate(
-        {
-            "name": "identity",
-            "channels": [{"name": "x", "modality": "OTHER", "intensity": {"scheme": "none"}}],
-            "labels": {"background": 0, "a": 1, "b": 2},
-            "cases": [],
-        }
-    )
-    cfg = PipelineConfig.model_validate({"name": "identity", "model": {"name": "passthrough"}})
-    return save_bundle(path, cfg, spec, build_network(cfg, spec))
 
 
 def _labels(seed: int, shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
